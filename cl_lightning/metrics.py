@@ -9,6 +9,7 @@ forgetting is measured as the increase of error over its best value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,22 @@ def forgetting(R: np.ndarray, higher_is_better: bool = True) -> float | None:
         seen, final = R[j:T - 1, j], R[T - 1, j]
         drops.append(seen.max() - final if higher_is_better else final - seen.min())
     return float(np.mean(drops))
+
+
+def adaptation_rate_integral(errors: Sequence[float] | np.ndarray | Tensor) -> float | np.ndarray:
+    """ARI (Eq. 4 of Srivastava et al., "Lifelong learning of task-parameter relationships", 2023).
+
+    ``errors`` are ``err_S(theta_t)`` at the ``T + 1`` points ``t = 0..T`` of an adaptation trajectory
+    (last axis); ARI = ``1 - (1/T) * sum_{t=0..T} err_t``, as the paper writes it: the area under the
+    accuracy curve per step, so a set that adapts fast scores high. With a single point (T = 0) it is
+    ``1 - err_0``. Extra leading axes give one ARI per row (several candidates at once).
+    """
+    e = errors.detach().cpu().numpy() if isinstance(errors, Tensor) else np.asarray(errors, dtype=float)
+    if e.shape[-1] == 0:
+        raise ValueError("an adaptation trajectory needs at least one error value")
+    steps = max(e.shape[-1] - 1, 1)
+    ari = 1.0 - e.sum(-1) / steps
+    return float(ari) if np.ndim(ari) == 0 else ari
 
 
 def summarize(R: np.ndarray, baseline: np.ndarray, higher_is_better: bool = True) -> dict[str, Any]:

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import Logger
+from torch import Tensor
 
 from cl_lightning.methods.base import ContinualModule
-from cl_lightning.metrics import summarize
+from cl_lightning.metrics import adaptation_rate_integral, summarize
 from cl_lightning.outputs import log_final, log_task_row, write_run_files
 from datamodules.base import ContinualDataModule
 
@@ -59,20 +60,45 @@ class RunRecord(L.Callback):
         self.rows: list[list[float]] = []
         self.steps = 0
         self.train_seconds = 0.0
+        #: Adaptation rate integral of each finished task's training trajectory (None: regression).
+        self.ari: list[float | None] = []
+        #: This task's per-step (misclassified, samples) on this rank, as the method counted them.
+        self.trajectory: list[Tensor] = []
 
     @property
     def state_key(self) -> str:
         return "RunRecord"
 
     def state_dict(self) -> dict[str, Any]:
+        trajectory = torch.stack(self.trajectory).cpu() if self.trajectory else torch.zeros(0, 2)
         return {"baseline": self.baseline, "rows": self.rows, "steps": self.steps,
-                "train_seconds": self.train_seconds}
+                "train_seconds": self.train_seconds, "ari": self.ari, "trajectory": trajectory}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baseline = state_dict["baseline"]
         self.rows = [list(r) for r in state_dict["rows"]]
         self.steps = int(state_dict["steps"])
         self.train_seconds = float(state_dict.get("train_seconds", 0.0))
+        self.ari = list(state_dict.get("ari", []))
+        self.trajectory = list(state_dict.get("trajectory", torch.zeros(0, 2)).unbind(0))
+
+    # ------------------------------------------------------------------ the training trajectory (ARI)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        pl_module.step_errors = torch.zeros(2, device=pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.trajectory.append(pl_module.step_errors.detach())
+
+    def finish_task(self, trainer: L.Trainer) -> float | None:
+        """The ARI of the task just trained, from the per-step errors of all ranks; starts a new trajectory."""
+        counts = torch.stack(self.trajectory) if self.trajectory else torch.zeros(0, 2)
+        self.trajectory = []
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum")
+        counts = counts[counts[:, 1] > 0].cpu()
+        ari = adaptation_rate_integral(counts[:, 0] / counts[:, 1]) if len(counts) else None
+        self.ari.append(ari)
+        return ari
 
 
 class TaskProgressBar(TQDMProgressBar):
@@ -197,13 +223,14 @@ class ContinualRunner:
             trainer.fit(self.model, datamodule=self.dm, ckpt_path=mid_task if resume and mid_task.exists() else None)
             self.record.train_seconds += time.perf_counter() - began
             self.record.steps += trainer.global_step
+            ari = self.record.finish_task(trainer)
             row = self.evaluate(trainer)
             self.record.rows.append(row)
             self.save_boundary(trainer, t)
             if trainer.is_global_zero:
                 R = np.asarray(self.record.rows)
                 log_task_row(self.loggers, t, row, self.metric_prefix, self.record.steps,
-                             {"ACC_seen": float(np.mean(R[-1, : t + 1]))})
+                             {"ACC_seen": float(np.mean(R[-1, : t + 1])), "ARI": ari})
                 self.write_progress()
         if trainer is None:  # resumed a finished run
             trainer = self.make_trainer(T - 1, train=False)
@@ -232,6 +259,7 @@ class ContinualRunner:
             "R": R.tolist(),
             "baseline": self.record.baseline,
             **summarize(R, np.asarray(self.record.baseline), higher),
+            "ARI": self.record.ari,
             "storage": self.model.storage(),
             "train_seconds": self.record.train_seconds,
             "optimizer_steps": self.record.steps,

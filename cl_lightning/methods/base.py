@@ -63,6 +63,8 @@ class ContinualModule(L.LightningModule):
         #: Optimizer steps taken in earlier tasks, so logged curves share one monotonic step axis.
         self.steps_before_task = 0
         self.last_eval: Tensor | None = None
+        #: (misclassified, samples) of the current training step, read and reset by the runner.
+        self.step_errors: Tensor = torch.zeros(2)
 
     # ------------------------------------------------------------------ set-up
     def setup_tasks(self, info: BenchmarkInfo) -> None:
@@ -102,7 +104,19 @@ class ContinualModule(L.LightningModule):
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         assert self.info is not None
-        return F.mse_loss(out, y) if self.info.is_regression else F.cross_entropy(out, y)
+        if self.info.is_regression:
+            return F.mse_loss(out, y)
+        self.record_train_error(out, y)
+        return F.cross_entropy(out, y)
+
+    def record_train_error(self, out: Tensor, y: Tensor) -> None:
+        """Counts this training step's misclassified samples: the runner turns the per-step error of a
+        task into its adaptation rate integral (ARI), logged for every method. Methods with their own
+        loss call it with their logits."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        wrong = (out.detach().argmax(-1) != y).sum()
+        self.step_errors = self.step_errors + torch.stack([wrong.float(), wrong.new_tensor(y.numel()).float()])
 
     def scores_of(self, out: Tensor, y: Tensor) -> Tensor:
         """Per-sample evaluation score: correctness, or squared error for regression."""

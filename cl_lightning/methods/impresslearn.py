@@ -182,7 +182,9 @@ class ImpressLearn(SupermaskModule):
         g = torch.Generator().manual_seed(seed)
         idx = torch.rand(m, b, generator=g).argsort(1)[:, :keep].to(x.device)  # [M, keep]
         out = self.backbone.forward_each(x[idx], self.basis_slots)  # [M, keep, k]
-        return m * F.cross_entropy(out.flatten(0, 1), self.local_labels(y[idx], 0).flatten())
+        labels = self.local_labels(y[idx], 0).flatten()
+        self.record_train_error(out.flatten(0, 1), labels)
+        return m * F.cross_entropy(out.flatten(0, 1), labels)
 
     # ------------------------------------------------------------------ inference
     def predict_for_eval(self, x: Tensor, task_ids: Tensor) -> Tensor:

@@ -155,8 +155,9 @@ class SupermaskModule(ContinualModule, ABC):
         total = x.new_zeros(())
         for t in task_ids.unique().tolist():
             rows = task_ids == t
-            total = total + F.cross_entropy(self.task_logits(x[rows], t), self.local_labels(y[rows], t),
-                                            reduction="sum")
+            logits, labels = self.task_logits(x[rows], t), self.local_labels(y[rows], t)
+            self.record_train_error(logits, labels)
+            total = total + F.cross_entropy(logits, labels, reduction="sum")
         return total / len(y)
 
     def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
