@@ -1,8 +1,9 @@
 """Continual-learning plugins (ContinualCallback subclasses). Add one by dropping a file here."""
 
+from callbacks.ari_consolidation import ARIConsolidation
 from callbacks.ewc import EWC
 from callbacks.gradient_sign import GradientSignFilter
 from callbacks.hnet_regularizer import OutputRegularizer
 from callbacks.mask_basis import MaskBasisFreezing
 
-__all__ = ["EWC", "GradientSignFilter", "MaskBasisFreezing", "OutputRegularizer"]
+__all__ = ["ARIConsolidation", "EWC", "GradientSignFilter", "MaskBasisFreezing", "OutputRegularizer"]

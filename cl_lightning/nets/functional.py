@@ -59,6 +59,14 @@ class FunctionalTarget:
 
         return vmap(one, in_dims=(0, 0))(params, buffers or {})
 
+    def batched_inputs(self, flat: Tensor, xs: Tensor) -> Tensor:
+        """Outputs for ``B`` weight vectors, each on its own inputs: ``flat [B, N]``, ``xs [B, n, ...]`` ->
+        ``[B, n, out]`` (e.g. fine-tuning several parameter sets on several tasks' data at once)."""
+        def one(p: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(self.module, p, (x,))
+
+        return vmap(one, in_dims=(0, 0))(self.split(flat), xs)
+
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
