@@ -82,3 +82,24 @@ def test_split_cifar100_supermask_configs_run_on_generated_data(tmp_path, experi
     R = np.asarray(m["R"])
     assert R.shape == (4, 4) and np.isfinite(R).all()
     assert (R[-1] == R.diagonal()).all()  # masks (and frozen alphas) of earlier tasks never change
+
+
+@pytest.mark.parametrize("experiment", ["ari_split_cifar10", "ari_split_cifar100"])
+def test_ari_cifar_configs_run_on_generated_data(tmp_path, experiment):
+    """The ARI learner's reduced ResNet-18 configs, end to end on generated CIFAR files (small budgets)."""
+    root = (fake_cifar10 if experiment.endswith("10") else fake_cifar100)(tmp_path / "data")
+    common = [f"experiment={experiment}", f"data_dir={root}", "logger=none", "benchmark.eval_batch_size=50"]
+    model, dm = build(compose(common))
+    assert type(model._base_body).__name__ == "ReducedResNet18" and model._base_body.out_features == 160
+    assert dm.num_tasks == (5 if experiment.endswith("10") else 20)
+    small = ["method.base.width=4", "method.kb_capacity=3", "method.max_candidates=2", "method.memory_per_task=8",
+             "method.finetune_steps=2", "method.plugins.ARIConsolidation.kb_steps=5",
+             "method.plugins.ARIConsolidation.estimator_steps=5", "method.feature_extractor.features=16"]
+    if experiment.endswith("100"):
+        small += ["benchmark.num_tasks=4", "benchmark.train_samples_per_task=20"]
+    model, dm = build(compose(common + small))
+    m = run_tasks(model, dm, tmp_path / "run", max_epochs=1)
+    R = np.asarray(m["R"])
+    assert R.shape == (dm.num_tasks, dm.num_tasks) and np.isfinite(R).all()
+    history = model.plugins[0].history
+    assert len(history) == dm.num_tasks and history[-1]["kb_size"] <= 3

@@ -3,6 +3,7 @@
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
 from cl_lightning.nets.masked import MaskedLeNet300100, MaskedMLP, MaskedResNet18
 from cl_lightning.nets.mlp import MLP, LeNet300100
+from cl_lightning.nets.resnet import ReducedResNet18
 
 __all__ = ["MLP", "ChunkedHyperNetwork", "HyperNetwork", "LeNet300100", "MaskedLeNet300100", "MaskedMLP",
-           "MaskedResNet18"]
+           "MaskedResNet18", "ReducedResNet18"]
