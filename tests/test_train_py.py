@@ -46,6 +46,7 @@ def test_default_experiment_writes_every_output(mnist_root, tmp_path):
     for key in ("BWT", "FWT", "forgetting", "learning_accuracy", "baseline", "storage"):
         assert metrics[key] is not None
     assert metrics["storage"]["plugin_OutputRegularizer"] > 0  # the stored targets are counted
+    assert len(metrics["ARI"]) == 5 and all(0 < a <= 1 for a in metrics["ARI"])  # adaptation per task
 
     rows = list(csv.reader((out / "accuracy_matrix.csv").open()))
     assert rows[0][0] == "after_task" and len(rows) == 6
@@ -58,7 +59,7 @@ def test_default_experiment_writes_every_output(mnist_root, tmp_path):
     # W&B (offline) holds the per-task accuracies, the CL metrics, the loss curve and the matrix table
     run = wandb_run_files(out)
     log = next(run.glob("*.wandb")).read_bytes()
-    for key in (b"acc/task_0", b"acc/task_4", b"cl/ACC", b"cl/BWT", b"cl/FWT", b"train/loss", b"task"):
+    for key in (b"acc/task_0", b"acc/task_4", b"cl/ACC", b"cl/BWT", b"cl/FWT", b"cl/ARI", b"train/loss", b"task"):
         assert key in log, key
     assert json.dumps(metrics["ACC"]).encode() in log
     table = json.loads(next(run.glob("files/media/table/accuracy_matrix*.json")).read_text())
