@@ -130,7 +130,7 @@ def cmd_regcost(args: argparse.Namespace) -> None:
                          (1, 28, 28), 10)
     hidden = [int(h) for h in args.target.split(",")]
     print(f"target 784-{'-'.join(map(str, hidden))}-10, chunked hnet {args.hnet} chunks {args.chunk}, batch 128, "
-          f"{args.threads} thread(s); ms per step (median of {args.reps})")
+          f"{args.threads} thread(s), {args.form} regularizer; ms per step (median of {args.reps})")
     print(f"{'past tasks':>10} {'no reg':>8} {'all past':>9} {'K=' + str(args.k):>8}")
     x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
     for past in args.past:
@@ -138,7 +138,8 @@ def cmd_regcost(args: argparse.Namespace) -> None:
             continue
         row = []
         for K in (None, -1, args.k):
-            reg = OutputRegularizer(beta=0.01, max_past_tasks=None if K in (None, -1) else K)
+            reg = OutputRegularizer(beta=0.01, max_past_tasks=None if K in (None, -1) else K,
+                                    form=args.form)
             model = HNET(target=MLP(hidden_sizes=hidden),
                          hypernetwork=ChunkedHyperNetwork(hidden_sizes=[int(h) for h in args.hnet.split(",")],
                                                           embedding_dim=24, chunk_size=args.chunk,
@@ -177,6 +178,8 @@ def main() -> None:
     parser.add_argument("--hnet", default="25,25", help="regcost: hypernetwork hidden sizes")
     parser.add_argument("--chunk", default=2000, type=int, help="regcost: chunk size")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--form", choices=["auto", "algebraic", "direct"], default="auto",
+                        help="regcost: the output regularizer's form")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.what == "poly":

@@ -8,7 +8,9 @@ task and chunk embeddings of 96: 465,192 weights in both), Adam lr 1e-3, batch 1
 batches in the same order. Both are run in the same plain PyTorch loop (no Lightning), so the figures
 compare the two implementations, not the trainers. hypnettorch's target packs all five heads (10 outputs)
 and its regularizer runs the hypernetwork once per past task; ours generates each task's own 2-way head
-and runs all past embeddings through the hypernetwork in one pass.
+and its output regularizer's form is chosen by ``--form``: ``algebraic`` (Gram matrices of the hypernetwork's
+last layer, no past task's weights generated; what ``auto``, the default, picks here), ``direct`` (all past
+tasks' weights generated in one batched pass and compared with the targets) or ``both``.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def evaluate(predict, dm: SplitMNIST, tasks: int) -> list[float]:
 
 def run_ours(dm, args) -> tuple[list[float], list[float], float]:
     torch.manual_seed(args.seed)
-    reg = OutputRegularizer(beta=args.beta)
+    reg = OutputRegularizer(beta=args.beta, form=args.form)
     model = HNET(target=MLP(hidden_sizes=(400, 400)),
                  hypernetwork=ChunkedHyperNetwork(hidden_sizes=(10, 10), embedding_dim=96, chunk_size=42000,
                                                   chunk_embedding_dim=96), plugins=[reg])
@@ -126,22 +128,38 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--form", choices=["auto", "algebraic", "direct", "both"], default="auto",
+                        help="our output regularizer's form (both: ours twice, algebraic and direct)")
+    parser.add_argument("--no-hypnettorch", action="store_true", help="ours only")
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="untimed steps per task of every implementation first (else the first one pays "
+                             "for the process' warm-up)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dm = SplitMNIST(num_tasks=5, scenario="task", data_dir=data_dir())
+    for t in range(dm.num_tasks):  # load and split the data before any timing (else the first run pays for it)
+        dm.split(t, "train"), dm.split(t, "test")
     print(f"Split-MNIST CL1, {args.steps} steps/task, batch {args.batch}, beta {args.beta}, {args.threads} thread(s)")
-    rows = {"ours": run_ours(dm, args)}
-    try:
-        import hypnettorch  # noqa: F401
-    except ImportError as err:
-        print(f"hypnettorch is not importable ({err}); `pip install hypnettorch` to compare. Ours only.")
-    else:
-        rows["hypnettorch"] = run_hypnettorch(dm, args)
-    print(f"{'impl':<12} {'wall s':>7} {'ACC':>7}  ms/step per task")
+    runs = {f"ours-{form}": (run_ours, argparse.Namespace(**{**vars(args), "form": form}))
+            for form in (["algebraic", "direct"] if args.form == "both" else [args.form])}
+    if not args.no_hypnettorch:
+        try:
+            import hypnettorch  # noqa: F401
+        except ImportError as err:
+            print(f"hypnettorch is not importable ({err}); `pip install hypnettorch` to compare. Ours only.")
+        else:
+            runs["hypnettorch"] = (run_hypnettorch, args)
+    if args.warmup:
+        for run, run_args in runs.values():
+            run(dm, argparse.Namespace(**{**vars(run_args), "steps": args.warmup}))
+    rows = {name: run(dm, run_args) for name, (run, run_args) in runs.items()}
+    print(f"{'impl':<16} {'wall s':>7} {'ACC':>7}  ms/step per task")
     for name, (accs, ms, wall) in rows.items():
-        print(f"{name:<12} {wall:>7.1f} {100 * np.mean(accs):>7.2f}  " + " ".join(f"{m:6.1f}" for m in ms))
+        print(f"{name:<16} {wall:>7.1f} {100 * np.mean(accs):>7.2f}  " + " ".join(f"{m:6.1f}" for m in ms))
     if "hypnettorch" in rows:
-        print(f"wall-time ratio ours / hypnettorch: {rows['ours'][2] / rows['hypnettorch'][2]:.2f}")
+        for name in rows:
+            if name.startswith("ours"):
+                print(f"wall-time ratio {name} / hypnettorch: {rows[name][2] / rows['hypnettorch'][2]:.2f}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,24 @@ paper). All past embeddings go through the hypernetwork in one batched pass. Opt
 
 Targets need no data: every rank computes them from identical weights. They are kept in the plugin
 state, so checkpoints (and a resume in the middle of a task) restore them.
+
+Two exact forms of the same penalty (``form``):
+
+- ``direct``: generate the past tasks' weights (one batched pass) and compare them with the targets; the
+  cost grows with the number of past tasks (``[P, N]`` generated weights, forward and backward).
+- ``algebraic`` (for :class:`~cl_lightning.nets.hypernetwork.HyperNetwork` and its subclasses): the
+  hypernetwork's last layer is linear, so the penalty follows from Gram matrices of that layer and small
+  sums over the past tasks' last hidden activations
+  (:meth:`~cl_lightning.nets.hypernetwork.HyperNetwork.output_penalty`), without generating any past
+  task's weights: the per-step cost barely depends on the number of past tasks. It needs a reference
+  (the last layer and the past tasks' last hidden activations when the targets were taken): derived,
+  never checkpointed. After a load it is rebuilt from the current hypernetwork, and the stored targets'
+  remaining difference from what that generates is carried exactly (its part of the cost grows with the
+  past tasks again until the next task starts).
+- ``auto`` (default): the algebraic form where the hypernetwork supports it and a cost model expects it
+  to be cheaper (:meth:`~cl_lightning.nets.hypernetwork.HyperNetwork.output_penalty_is_cheaper`: e.g. a
+  chunked hypernetwork with many chunks per task, from the first past task on; a full hypernetwork with
+  a wide last hidden layer only from many past tasks on), else the direct one.
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.nets.hypernetwork import OutputReference
 
 
 def _require_hnet(module: L.LightningModule) -> None:
@@ -44,35 +63,81 @@ class OutputRegularizer(ContinualCallback):
         max_past_tasks: regularise a random subset of at most this many past tasks per step (None: all).
         lookahead: regularise at the optimizer's candidate step ``theta + dtheta`` (Eq. 2).
         seed: seed of the random subsets.
+        form: ``direct`` (generate the past tasks' weights), ``algebraic`` (from the last layer's Gram
+            matrices; cost nearly flat in the number of past tasks) or ``auto`` (the one expected to be
+            cheaper); all give the same penalty.
     """
 
+    FORMS = ("auto", "algebraic", "direct")
+
     def __init__(self, beta: float = 0.01, max_past_tasks: int | None = None, lookahead: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, form: str = "auto"):
         super().__init__()
         if beta < 0:
             raise ValueError(f"beta={beta} must not be negative")
         if max_past_tasks is not None and max_past_tasks < 1:
             raise ValueError(f"max_past_tasks={max_past_tasks} must be positive (or null for all)")
+        if form not in self.FORMS:
+            raise ValueError(f"form={form!r} is not one of {list(self.FORMS)}")
         self.beta, self.max_past_tasks, self.lookahead, self.seed = beta, max_past_tasks, lookahead, seed
+        self.form = form
         #: ``[P, N]``: the stored weights of tasks 0..P-1 (None before the second task).
         self.targets: Tensor | None = None
         self._on_device: Tensor | None = None
+        self._on_device_of: Tensor | None = None
+        #: Derived, for the algebraic form: the reference and the targets (object, version) it describes.
+        self._reference: OutputReference | None = None
+        self._reference_of: tuple[Tensor, int] | None = None
 
     # ------------------------------------------------------------------ targets
     def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
         _require_hnet(module)
         self._on_device = None
+        self._reference = self._reference_of = None
         if task_id == 0:
             self.targets = None
             return
         with torch.no_grad():
-            self.targets = module.generate(range(task_id)).detach().clone()
+            rows = min(task_id, self.max_past_tasks or task_id)
+            if self.uses_algebraic(module, rows):  # the targets and, from the same pass, their reference
+                self._reference, self.targets = module.hypernetwork.output_reference(
+                    module.embeddings(range(task_id)))
+                self._reference_of = self._targets_key()
+            else:
+                self.targets = module.generate(range(task_id)).detach().clone()
 
     def _targets(self, device: torch.device) -> Tensor:
         assert self.targets is not None
-        if self._on_device is None or self._on_device.device != device:
-            self._on_device = self.targets.to(device)
+        if self._on_device is None or self._on_device.device != device or self._on_device_of is not self.targets:
+            self._on_device, self._on_device_of = self.targets.to(device), self.targets
         return self._on_device
+
+    def uses_algebraic(self, module: L.LightningModule, rows: int) -> bool:
+        """Whether the penalty over ``rows`` past tasks is computed in the algebraic form."""
+        hnet = module.hypernetwork
+        if self.form == "direct" or not callable(getattr(hnet, "output_penalty", None)):
+            return False
+        return self.form == "algebraic" or hnet.output_penalty_is_cheaper(rows)
+
+    def _reference_is_current(self) -> bool:
+        return self._reference is not None and self._reference_of is not None and \
+            self._reference_of[0] is self.targets and self._reference_of[1] == self.targets._version
+
+    def _targets_key(self) -> tuple[Tensor, int]:
+        assert self.targets is not None
+        return self.targets, self.targets._version
+
+    def reference(self, module: L.LightningModule, device: torch.device) -> OutputReference:
+        """The algebraic form's reference for the stored targets; rebuilt from the current hypernetwork
+        when the targets were loaded or replaced since it was made."""
+        assert self.targets is not None
+        if not self._reference_is_current():
+            self._reference, _ = module.hypernetwork.output_reference(
+                module.embeddings(range(len(self.targets))).detach(), targets=self._targets(device))
+            self._reference_of = self._targets_key()
+        if self._reference.device != device:
+            self._reference = self._reference.to(device)
+        return self._reference
 
     @torch.no_grad()
     def drift(self, module: L.LightningModule) -> Tensor:
@@ -98,9 +163,15 @@ class OutputRegularizer(ContinualCallback):
             return None
         idx = self.subset(module)
         embeddings = module.embeddings(idx)
+        shifted = None
         if self.lookahead and module.last_task_loss is not None:
             shifted = {n: p + d for (n, p), d in zip(self._trainable(module), self.candidate_step(module),
                                                      strict=True)}
+        if self.uses_algebraic(module, len(idx)):
+            reference = self.reference(module, embeddings.device)
+            total = module.hypernetwork.output_penalty(embeddings, reference, idx, params=shifted)
+            return self.beta / len(idx) * total
+        if shifted is not None:
             weights = functional_call(module.hypernetwork, shifted, (embeddings,))
         else:
             weights = module.hypernetwork(embeddings)
@@ -165,6 +236,7 @@ class OutputRegularizer(ContinualCallback):
     def load_plugin_state(self, state: dict[str, Any]) -> None:
         self.targets = state.get("targets")
         self._on_device = None
+        self._reference = self._reference_of = None  # derived: rebuilt on first use
 
     def stored_numel(self) -> int:
         return 0 if self.targets is None else self.targets.numel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -163,6 +164,204 @@ def test_lookahead_and_random_subset():
     assert torch.isfinite(ahead_grad).all() and ahead_grad.abs().sum() > 0
 
 
+def _reg_hnet(kind: str, dtype: torch.dtype = torch.float32, **reg) -> tuple[HNET, OutputRegularizer]:
+    """Small HNETs for the algebraic-vs-direct checks. The chunked one has chunks of 17 (the last one
+    padded; chunks that straddle tensors of different output scale) and batch norm in the target (gains
+    with an output offset)."""
+    torch.manual_seed(0)
+    if kind == "full":
+        hnet, target = HyperNetwork(hidden_sizes=(8,), embedding_dim=3), MLP(hidden_sizes=(6,))
+    elif kind == "linear":  # no hidden layer: the last layer reads the (frozen) embeddings themselves
+        hnet, target = HyperNetwork(hidden_sizes=(), embedding_dim=5), MLP(hidden_sizes=(6,))
+    else:
+        hnet = ChunkedHyperNetwork(hidden_sizes=(8, 7), embedding_dim=3, chunk_size=17, chunk_embedding_dim=2)
+        target = MLP(hidden_sizes=(6, 5), batch_norm=True)
+    reg.setdefault("form", "algebraic")
+    m = HNET(target=target, hypernetwork=hnet, lr=0.05, plugins=[OutputRegularizer(beta=0.5, **reg)])
+    m.setup_tasks(info(5, shape=(4,)))
+    return m.to(dtype), m.plugins[0]
+
+
+def _start_task(m: HNET, reg: OutputRegularizer, task: int) -> None:
+    m.current_task = task
+    m.setup("fit")
+    reg.on_task_start(None, m, task)
+
+
+def _penalty_and_grads(m: HNET, reg: OutputRegularizer, algebraic: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The penalty of one form and its gradient w.r.t. every hypernetwork parameter and the embeddings."""
+    reg.form = "algebraic" if algebraic else "direct"
+    for e in m.task_embeddings:  # past embeddings are frozen in training; here their gradient is checked too
+        e.requires_grad_(True)
+    wrt = [*m.hypernetwork.parameters(), *m.task_embeddings]
+    value = reg.penalty(m, None)
+    grads = torch.autograd.grad(value, wrt, allow_unused=True, retain_graph=True)
+    return value.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(wrt, grads, strict=True)]
+
+
+def _assert_forms_agree(m: HNET, reg: OutputRegularizer, rtol: float = 1e-4) -> float:
+    direct, g_direct = _penalty_and_grads(m, reg, algebraic=False)
+    algebraic, g_alg = _penalty_and_grads(m, reg, algebraic=True)
+    torch.testing.assert_close(algebraic, direct, rtol=rtol, atol=0)
+    gscale = max(g.abs().max().item() for g in g_direct)
+    for ga, gd in zip(g_alg, g_direct, strict=True):
+        torch.testing.assert_close(ga, gd, rtol=rtol, atol=rtol * 1e-2 * gscale)
+    return direct.item()
+
+
+def _drift(m: HNET, noise: float) -> None:
+    with torch.no_grad():
+        for p in m.hypernetwork.parameters():
+            p.add_(noise * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("kind", ["full", "chunked", "linear"])
+@pytest.mark.parametrize("lookahead", [False, True])
+@pytest.mark.parametrize("subset", [None, 2])
+def test_algebraic_penalty_equals_direct(kind, lookahead, subset):
+    """The algebraic output penalty (Gram matrices of the last layer) has the direct form's value and
+    gradients w.r.t. all hypernetwork parameters and the embeddings: at a task start (residual zero),
+    after tiny and large drifts; with the lookahead and a random subset. Float64 checks the algebra to
+    1e-7; float32 the practical regime (rtol 1e-4)."""
+    for dtype, rtol, noises in ((torch.float64, 1e-7, (0.0, 1e-6, 1e-4, 3e-2)), (torch.float32, 1e-4, (3e-2,))):
+        m, reg = _reg_hnet(kind, dtype, lookahead=lookahead, max_past_tasks=subset)
+        _start_task(m, reg, 4)
+        ref = reg.reference(m, torch.device("cpu"))
+        assert ref.ve is None  # targets taken at the task start: nothing of size [P, N] is kept
+        x, y, t = torch.randn(8, 4, dtype=dtype), torch.randint(0, 2, (8,)), torch.full((8,), 4)
+        m.train()
+        for noise in noises:
+            _drift(m, noise)
+            m.loss(m(x, t), y)  # the task loss whose step the lookahead takes
+            if noise == 0.0 and not lookahead:  # zero: exactly in the algebraic form, to rounding in the direct
+                assert _penalty_and_grads(m, reg, True)[0].item() == 0.0
+                assert _penalty_and_grads(m, reg, False)[0].item() < 1e-20
+                continue
+            assert _assert_forms_agree(m, reg, rtol) > 0
+
+
+@pytest.mark.parametrize("kind", ["full", "chunked"])
+def test_algebraic_penalty_is_as_accurate_as_direct_in_float32(kind):
+    """With a tiny residual (just after a task start) float32 resolves the residual only to a few digits,
+    whatever the form; the algebraic form (built from differences to the reference, so nothing large
+    cancels) must be no less accurate than the direct one, against a float64 evaluation."""
+    m, reg = _reg_hnet(kind)
+    _start_task(m, reg, 4)
+    _drift(m, 1e-4)
+    m64 = copy.deepcopy(m).double()
+    reg64 = m64.plugins[0]
+    reg64.targets = reg.targets.double()
+    truth, g_truth = _penalty_and_grads(m64, reg64, algebraic=False)
+    errors = {}
+    for algebraic in (False, True):
+        value, grads = _penalty_and_grads(m, reg, algebraic)
+        g_err = max(((g.double() - gt).norm() / gt.norm()).item() for g, gt in zip(grads, g_truth, strict=True)
+                    if gt.norm() > 0)
+        errors[algebraic] = abs(value.double() - truth).item() / truth.item(), g_err
+    (direct_err, direct_g_err), (err, g_err) = errors[False], errors[True]
+    assert err < 3 * direct_err + 1e-6 and g_err < 3 * direct_g_err + 1e-6, errors
+    assert direct_g_err < 1e-2  # float32 gradients are still good to 1%
+
+
+def test_algebraic_penalty_never_generates_past_weights():
+    """On the paper's Split-MNIST hypernetwork (chunks of 42000, last hidden layer 10) with four past
+    tasks, no tensor made by the algebraic penalty (forward and backward) is larger than the last layer
+    itself, [K, H+1]; the direct form makes [4, N] ones."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    reg = OutputRegularizer(beta=0.01)
+    m = HNET(target=MLP(hidden_sizes=(400, 400)),
+             hypernetwork=ChunkedHyperNetwork(hidden_sizes=(10, 10), embedding_dim=96, chunk_size=42000,
+                                              chunk_embedding_dim=96), plugins=[reg])
+    m.setup_tasks(info(5, shape=(1, 28, 28)))
+    _start_task(m, reg, 4)
+    _drift(m, 1e-3)
+    ref = reg.reference(m, torch.device("cpu"))
+    assert sum(t.numel() for t in (ref.z0, ref.w0t, ref.b0)) < reg.targets.numel() / 4  # less than one task's
+    N, bound = m.hypernetwork.num_target_weights, 42000 * 11
+    sizes = {}
+    for algebraic in (True, False):
+        reg.form = "algebraic" if algebraic else "direct"
+        LargestOutput.largest = 0
+        with LargestOutput():
+            reg.penalty(m, None).backward()
+        sizes[algebraic] = LargestOutput.largest
+    assert sizes[True] <= bound < N and sizes[False] >= 4 * N
+
+
+def test_auto_form_picks_the_cheaper_one():
+    """``form=auto``: the algebraic form for a chunked hypernetwork with many chunks from the first past task
+    on; for a full one with a wide last hidden layer (its Gram matrices cost ~H times one task's weights)
+    the direct form until there are many past tasks. An unknown form is refused."""
+    chunked = ChunkedHyperNetwork(hidden_sizes=(10, 10), embedding_dim=96, chunk_size=42000, chunk_embedding_dim=96)
+    full = HyperNetwork(hidden_sizes=(100,), embedding_dim=8)
+    for hnet, target in ((chunked, MLP(hidden_sizes=(400, 400))), (full, MLP(hidden_sizes=(50,)))):
+        HNET(target=target, hypernetwork=hnet).setup_tasks(info(5, shape=(1, 28, 28)))
+    assert chunked.output_penalty_is_cheaper(1)
+    assert not full.output_penalty_is_cheaper(4) and full.output_penalty_is_cheaper(200)
+    m = HNET(target=MLP(hidden_sizes=(50,)), hypernetwork=full, plugins=[OutputRegularizer()])
+    assert not m.plugins[0].uses_algebraic(m, 4) and OutputRegularizer(form="algebraic").uses_algebraic(m, 4)
+    with pytest.raises(ValueError, match="form="):
+        OutputRegularizer(form="gram")
+
+
+def test_algebraic_penalty_with_replaced_or_restored_targets():
+    """Targets that the hypernetwork does not generate (set by hand, or restored into a hypernetwork that
+    moved on since): the reference is rebuilt lazily and carries the difference; still exact."""
+    m, reg = _reg_hnet("chunked")
+    _start_task(m, reg, 3)
+    with torch.no_grad():
+        for p in m.hypernetwork.parameters():
+            p.add_(1e-2 * torch.randn_like(p))
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in reg.state_dict().items()}
+    assert set(state) == {"task_started", "task_finished", "targets"}  # nothing derived is checkpointed
+    before = _assert_forms_agree(m, reg)
+    fresh = OutputRegularizer(beta=0.5, form="algebraic")  # a resume in the middle of the task
+    fresh.load_state_dict(state)
+    m.plugins[0] = fresh
+    assert fresh._reference is None
+    torch.testing.assert_close(_assert_forms_agree(m, fresh), before, rtol=1e-4, atol=0)
+    assert fresh._reference.ve is not None  # the targets differ from what the moved hypernetwork generates
+    # targets replaced (a new tensor) or changed in place: the reference follows
+    fresh.targets = fresh.targets + 0.01 * torch.randn_like(fresh.targets)
+    changed = _assert_forms_agree(m, fresh)
+    fresh.targets[1].mul_(1.01)
+    assert _assert_forms_agree(m, fresh) != changed
+    assert fresh.stored_numel() == fresh.targets.numel()
+    assert fresh.drift(m).shape == (3,)
+
+
+def test_algebraic_penalty_trains_like_direct():
+    """A few Adam steps with each form from the same start give the same weights."""
+    finals = []
+    for algebraic in (True, False):
+        m, reg = _reg_hnet("chunked", lookahead=True, form="algebraic" if algebraic else "direct")
+        _start_task(m, reg, 2)
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.01)
+        g = torch.Generator().manual_seed(1)
+        m.train()
+        for _ in range(5):
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+            loss, logs = m.training_loss((x, y, torch.full((8,), 2)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert logs["train/penalty_OutputRegularizer"].item() > 0
+        finals.append(torch.cat([p.detach().flatten() for p in m.hypernetwork.parameters()]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def poly_runs(tmp_path_factory):
     """The polynomial toy (3 tasks) with and without the output regularizer."""
@@ -221,6 +420,7 @@ def test_ddp_two_processes_match_one(tmp_path):
             "method.hypernetwork.class_path=cl_lightning.nets.hypernetwork.HyperNetwork",
             "method.hypernetwork.hidden_sizes=[10,10]", "method.hypernetwork.embedding_dim=2", "method.lr=0.01",
             "method.plugins.OutputRegularizer.beta=0.05", "method.plugins.OutputRegularizer.lookahead=true",
+            "method.plugins.OutputRegularizer.form=algebraic",  # (auto would pick the direct form here)
             "benchmark.num_tasks=2", "benchmark.train_samples=640", "benchmark.batch_size=32"]
     env = {k: v for k, v in os.environ.items() if k != "CL_LIGHTNING_RUN_DIR"}
     env["PYTHONPATH"] = str(REPO)

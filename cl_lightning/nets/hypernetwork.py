@@ -15,14 +15,22 @@ layers (like ``MLP.set_input_size``). Generated weights are ``offset + scale * r
 per-tensor ``scale`` = 1/sqrt(fan-in) (and ``offset`` 1 for batch-norm gains), so that an embedding
 and a hypernetwork at their standard initialisation produce a target at its usual initialisation scale
 (the spirit of Chang et al. 2020's principled hypernetwork initialisation).
+
+The last layer is linear, which the output regularizer exploits: :meth:`HyperNetwork.output_penalty`
+computes ``sum_t ||h(e_t) - target_t||^2`` exactly from Gram matrices of the last layer and small sums
+over the past tasks' last hidden activations, without generating their weights (its cost barely grows
+with the number of tasks), given a snapshot from when the targets were taken
+(:meth:`HyperNetwork.output_reference`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_lightning.nets.mlp import ACTIVATIONS
@@ -122,17 +130,165 @@ class HyperNetwork(nn.Module):
             raise RuntimeError("call set_target_shapes before generating weights")
         single = embeddings.dim() == 1
         e = embeddings.unsqueeze(0) if single else embeddings
-        raw = self._raw(e)
-        w = raw * self.out_scale
-        if self.has_offset:
-            w = w + self.out_offset
+        w = self._to_weights(self._raw(e))
         return w[0] if single else w
 
     def _raw(self, e: Tensor) -> Tensor:
-        h = e
-        for layer in self.hidden:
-            h = self._act(layer(h))
-        return self.out(h)
+        """``[B, E]`` -> ``[B, N]`` raw outputs (before the fixed output scale and offset)."""
+        return self._flat(F.linear(self.last_hidden(e), self.out.weight, self.out.bias))
+
+    def _flat(self, raw: Tensor) -> Tensor:
+        """``[B, C, K]`` last-layer outputs -> ``[B, N]`` (the chunks in order, truncated to ``N``)."""
+        return raw.flatten(1)[:, : self.num_outputs]
+
+    def _to_weights(self, raw: Tensor) -> Tensor:
+        w = raw * self.out_scale
+        if self.has_offset:
+            w = w + self.out_offset
+        return w
+
+    def _param(self, params: Mapping[str, Tensor] | None, name: str) -> Tensor:
+        """Parameter ``name`` from ``params`` if it is there, else the module's own (or the one that
+        ``torch.func.functional_call`` put in its place)."""
+        if params is not None and name in params:
+            return params[name]
+        obj: object = self
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        assert isinstance(obj, Tensor)
+        return obj
+
+    def last_hidden(self, embeddings: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``[B, E]`` -> ``[B, C, H]``: the input of the last (linear) layer per embedding and chunk
+        (``C = 1`` for the full hypernetwork; ``H`` = the last hidden width, or ``E`` without hidden layers).
+        ``params`` (name -> tensor) replaces some parameters, e.g. by ``theta + dtheta`` (lookahead)."""
+        h = embeddings
+        for i in range(len(self.hidden)):
+            h = self._act(F.linear(h, self._param(params, f"hidden.{i}.weight"),
+                                   self._param(params, f"hidden.{i}.bias")))
+        return h.unsqueeze(1)
+
+    # ------------------------------------------------------------------ output regularizer, algebraic form
+    def output_reference(self, embeddings: Tensor, targets: Tensor | None = None) -> tuple[OutputReference, Tensor]:
+        """Snapshot for :meth:`output_penalty`: the last layer and the last hidden activations of
+        ``embeddings`` ``[P, E]`` now; also returns the weights they generate, ``[P, N]`` (the same values
+        as ``self(embeddings)``, from the same pass).
+
+        Without ``targets`` the targets are those generated weights (the output regularizer at a task
+        start): the reference then describes them exactly and holds ``O(K H + P C H)`` values. With
+        ``targets`` ``[P, N]`` (restored from a checkpoint, or set by hand), every value that differs from
+        what the hypernetwork generates now keeps its difference, in raw units, in the reference: the
+        penalty stays exact, but that part costs ``O(P N)`` per step.
+        """
+        if self.target_shapes is None:
+            raise RuntimeError("call set_target_shapes before generating weights")
+        with torch.no_grad():
+            z0 = self.last_hidden(embeddings).detach()                   # [P, C, H]
+            w0, b0 = self.out.weight.detach(), self.out.bias.detach()
+            raw0 = F.linear(z0, w0, b0)                                   # [P, C, K]
+            weights = self._to_weights(self._flat(raw0))
+            bounds, seg_weight, s = self._penalty_layout()
+            w0t = w0.T.contiguous()                                       # [H, K] (a copy)
+            gram0 = torch.stack([w0t[:, a:e] @ w0t[:, a:e].T for a, e in bounds]).double()
+            ref = OutputReference(z0=z0, w0t=w0t, b0=b0.clone(), gram0=gram0, bounds=bounds,
+                                  seg_weight=seg_weight.to(z0.device))
+            if targets is not None:
+                if targets.shape != weights.shape:
+                    raise ValueError(f"targets {tuple(targets.shape)} do not match the generated weights "
+                                     f"{tuple(weights.shape)}")
+                targets = targets.to(weights.device, weights.dtype)
+                differs = weights != targets
+                if differs.any():  # e = (y - offset) / scale - raw0 where the targets differ
+                    y = targets.double() - self.out_offset.double() if self.has_offset else targets.double()
+                    e = torch.where(differs, y / self.out_scale.double() - self._flat(raw0).double(), 0.0)
+                    e_full = e.new_zeros(len(e), s.numel())
+                    e_full[:, : self.num_outputs] = e
+                    e_full = e_full.view(len(e), *s.shape)                # [P, C, K]
+                    ve = e_full * s                                       # S e, zero on the padding
+                    ref.ve = ve.to(w0.dtype)
+                    ref.ve_w0 = ve @ w0.double()                          # [P, C, H]
+                    ref.e_const = (ve * e_full).sum((1, 2))               # [P]
+        return ref, weights
+
+    def _penalty_layout(self) -> tuple[list[tuple[int, int]], Tensor, Tensor]:
+        """Where the penalty's per-value weights ``scale^2`` are constant along a chunk.
+
+        Returns the segments ``[a, b)`` of the last layer's ``K`` outputs on which every chunk's weights
+        are constant (segments where all are 0 left out), those weights ``[C, J]``, and the weights of
+        every output ``[C, K]`` (0 on the padding of the last chunk), both float64 on the buffers' device.
+        """
+        K = self.out.out_features
+        C = math.ceil(self.num_outputs / K)
+        s = torch.zeros(C * K, dtype=torch.float64)
+        s[: self.num_outputs] = self.out_scale.detach().double().cpu() ** 2
+        s = s.view(C, K)
+        change = (s[:, 1:] != s[:, :-1]).any(0).nonzero().flatten().add(1).tolist()
+        starts = [0, *change]
+        bounds = list(zip(starts, [*change, K], strict=True))
+        weight = s[:, starts]                                             # [C, J]
+        keep = weight.ne(0).any(0)
+        bounds = [seg for seg, k in zip(bounds, keep.tolist(), strict=True) if k]
+        device = self.out_scale.device
+        return bounds, weight[:, keep].to(device), s.to(device)
+
+    def output_penalty_is_cheaper(self, rows: int) -> bool:
+        """Whether :meth:`output_penalty` over ``rows`` embeddings is expected to cost less than generating
+        their weights and comparing them with the targets.
+
+        A rough cost model, per output of the last layer (``K`` of them): the algebraic form's Gram
+        products and their backward, ``2 (2H+1)(H+1)`` multiply-adds, whatever ``rows``; the direct form,
+        for each of ``rows * C`` chunks, ``3H`` multiply-adds (forward and backward of the last layer) and
+        its elementwise passes over the generated weights (memory-bound; ``_ELEMENTWISE_COST``
+        multiply-adds per weight, as measured on a CPU). So a chunked hypernetwork with many chunks is cheaper
+        algebraically from the first past task on, a full one (``C = 1``) with a wide last hidden layer
+        only from many past tasks on.
+        """
+        H = self.out.in_features
+        C = math.ceil(self.num_outputs / self.out.out_features)
+        algebraic, direct = 2 * (2 * H + 1) * (H + 1), rows * C * (3 * H + _ELEMENTWISE_COST)
+        return algebraic < direct
+
+    def output_penalty(self, embeddings: Tensor, reference: OutputReference, rows: Tensor | None = None,
+                       params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``sum_t || h(e_t) - target_t ||^2`` over ``embeddings`` ``[n, E]`` of the past tasks ``rows`` of
+        ``reference`` (all of them if None), exactly, without generating any weights.
+
+        The last layer is linear. With ``z`` its input, ``W, b`` its weights, ``z0, W0, b0`` those of the
+        reference and ``dz = z - z0``, ``X = [W - W0, b - b0]``, one chunk's residual in raw units is
+        ``W z + b - (W0 z0 + b0) = W0 dz + X [z; 1]``; it is weighted by ``scale^2``, which is constant on
+        each segment ``j`` of a chunk (:meth:`_penalty_layout`). Summed over tasks and chunks:
+
+            sum_j <W0_j^T W0_j, Odd_j> + 2 <W0_j^T X_j, Odx_j> + <X_j^T X_j, Oxx_j>,
+
+        ``O_j = sum_rows scale_j^2 [dz; z; 1] [dz; z; 1]^T`` (blocks ``dd``, ``dx``, ``xx``). The Gram
+        matrices of the last layer cost ``O(K H^2)`` whatever the number of tasks; what grows with the
+        tasks is ``O_j``, ``[2H+1, 2H+1]`` sums over ``n C`` rows.
+
+        Numerics: every term is quadratic in the differences ``dz`` and ``X`` from the reference, so all
+        are of the size of the drift squared. Expanding ``||W z + b - r||^2`` around zero instead would
+        subtract terms ~``|r|^2`` to get a result ~``|residual|^2`` (useless in float32 right after a task
+        start). The terms can still partly cancel when ``W0 dz ~ -X [z; 1]`` (the output held while the
+        parameters move), costing a factor ``(|W0 dz| / |residual|)^2`` of float32 resolution; measured in
+        training, that leaves the error at the direct form's own (the tests check both against float64).
+        ``O`` and the final sums are float64; ``params`` replaces parameters (the lookahead's
+        ``theta + dtheta``).
+        """
+        everything = rows is None or torch.equal(rows.cpu(), torch.arange(len(reference.z0)))
+        ref = reference if everything else reference.rows(rows)
+        w = self._param(params, "out.weight")
+        b = self._param(params, "out.bias")
+        z = self.last_hidden(embeddings, params)                          # [n, C, H]
+        dz = z - ref.z0
+        zt = torch.cat([z, z.new_ones(*z.shape[:-1], 1)], -1)              # [n, C, H+1]
+        v = torch.cat([dz, zt], -1).double()                              # [n, C, 2H+1]
+        omega = torch.einsum("cj,nca,ncb->jab", ref.seg_weight, v, v)      # [J, 2H+1, 2H+1]
+        H = dz.shape[-1]
+        penalty = (ref.gram0 * omega[:, :H, :H]).sum() + _LastLayerTerms.apply(
+            w, b, omega[:, :H, H:], omega[:, H:, H:], zt.flatten(0, 1), ref.w0t, ref.b0, ref.bounds,
+            None if ref.ve is None else ref.ve.flatten(0, 1))
+        if ref.ve is not None:  # targets that the reference does not generate: -2 <S e, W0 dz> + |e|_S^2
+            penalty = penalty - 2 * (ref.ve_w0 * dz.double()).sum() + ref.e_const.sum()
+        return penalty.to(w.dtype)
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -179,16 +335,105 @@ class ChunkedHyperNetwork(HyperNetwork):
         self.chunk_embeddings = nn.Parameter(torch.randn(self.num_chunks, self.chunk_embedding_dim))
         self.hidden, self.out = self._mlp(self.embedding_dim + self.chunk_embedding_dim, self.chunk_size)
 
-    def _raw(self, e: Tensor) -> Tensor:
-        first = self.hidden[0]
-        w_e, w_c = first.weight[:, : self.embedding_dim], first.weight[:, self.embedding_dim:]
-        from_e = e @ w_e.T                                   # [B, H]
-        from_c = self.chunk_embeddings @ w_c.T + first.bias  # [C, H]
+    def last_hidden(self, embeddings: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        weight = self._param(params, "hidden.0.weight")
+        w_e, w_c = weight[:, : self.embedding_dim], weight[:, self.embedding_dim:]
+        from_e = embeddings @ w_e.T                          # [B, H]
+        from_c = self._param(params, "chunk_embeddings") @ w_c.T + self._param(params, "hidden.0.bias")  # [C, H]
         h = self._act(from_e.unsqueeze(1) + from_c.unsqueeze(0))  # [B, C, H]
-        for layer in self.hidden[1:]:
-            h = self._act(layer(h))
-        raw = self.out(h)                                    # [B, C, chunk]
-        return raw.flatten(1)[:, : self.num_outputs]
+        for i in range(1, len(self.hidden)):
+            h = self._act(F.linear(h, self._param(params, f"hidden.{i}.weight"),
+                                   self._param(params, f"hidden.{i}.bias")))
+        return h
+
+
+#: Cost of the direct penalty's elementwise passes per generated weight, in multiply-adds of a matrix product
+#: (all its passes together; CPU: memory-bound passes against the matrix products' throughput).
+_ELEMENTWISE_COST = 70
+
+
+@dataclass
+class OutputReference:
+    """What :meth:`HyperNetwork.output_penalty` needs to know about the targets of ``P`` past tasks.
+
+    Made by :meth:`HyperNetwork.output_reference` from the hypernetwork at one moment; derived data, never
+    checkpointed. Small unless targets differ from what the reference generates (then ``ve`` is
+    ``[P, C, K]``).
+    """
+
+    z0: Tensor                       # [P, C, H] last hidden activations
+    w0t: Tensor                      # [H, K] last-layer weight, transposed
+    b0: Tensor                       # [K] last-layer bias
+    gram0: Tensor                    # [J, H, H] W0_j^T W0_j per segment (float64)
+    bounds: list[tuple[int, int]]    # segments [a, b) of a chunk's K outputs
+    seg_weight: Tensor               # [C, J] scale^2 per chunk and segment (float64)
+    ve: Tensor | None = None         # [P, C, K] scale^2 * (raw target - raw reference)
+    ve_w0: Tensor | None = None      # [P, C, H] ve @ W0 (float64)
+    e_const: Tensor | None = None    # [P] sum of scale^2 * (raw target - raw reference)^2 (float64)
+
+    _PER_TASK = ("z0", "ve", "ve_w0", "e_const")
+
+    def rows(self, idx: Tensor) -> OutputReference:
+        """The reference of the past tasks ``idx`` only."""
+        idx = idx.to(self.z0.device)
+        return replace(self, **{n: getattr(self, n)[idx] for n in self._PER_TASK if getattr(self, n) is not None})
+
+    def to(self, device: torch.device | str) -> OutputReference:
+        return replace(self, **{f.name: v.to(device) for f in fields(self)
+                                if isinstance(v := getattr(self, f.name), Tensor)})
+
+    @property
+    def device(self) -> torch.device:
+        return self.z0.device
+
+
+class _LastLayerTerms(torch.autograd.Function):
+    """The output penalty's terms that involve the last layer's change ``X = [W - W0, b - b0]``:
+
+        sum_j 2 <W0_j^T X_j, Odx_j> + <X_j^T X_j, Oxx_j>   [ - 2 sum_r (ve_r X) . zt_r ]
+
+    ``X`` is formed transposed, ``[H+1, K]``, so that the long contractions run over contiguous memory;
+    the Gram matrices of the value are reused by the backward, and ``dX = 2 W0 Odx + X (Oxx + Oxx^T)``
+    is written into one buffer. Few large temporaries: allocating fresh memory is much of the cost on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, b: Tensor, odx: Tensor, oxx: Tensor, zt: Tensor, w0t: Tensor, b0: Tensor,
+                bounds: list[tuple[int, int]], ve: Tensor | None) -> Tensor:
+        xt = torch.empty(w.shape[1] + 1, w.shape[0], dtype=w.dtype, device=w.device)
+        torch.sub(w.T, w0t, out=xt[:-1])
+        torch.sub(b, b0, out=xt[-1])
+        cross = torch.stack([w0t[:, a:e] @ xt[:, a:e].T for a, e in bounds]).double()   # [J, H, H+1]
+        gram = torch.stack([xt[:, a:e] @ xt[:, a:e].T for a, e in bounds]).double()     # [J, H+1, H+1]
+        value = 2 * (cross * odx).sum() + (gram * oxx).sum()
+        q = None
+        if ve is not None:
+            q = (ve @ xt.T).double()                                      # [R, H+1]
+            value = value - 2 * (q * zt.double()).sum()
+        ctx.save_for_backward(xt, odx, oxx, zt, w0t, cross, gram, ve, q)
+        ctx.bounds = bounds
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xt, odx, oxx, zt, w0t, cross, gram, ve, q = ctx.saved_tensors
+        bounds = ctx.bounds
+        grad_w = grad_b = grad_zt = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            covered = sum(e - a for a, e in bounds) == xt.shape[1]
+            grad_xt = torch.empty_like(xt) if covered else torch.zeros_like(xt)
+            sym_t = ((oxx + oxx.transpose(1, 2)) * grad).transpose(1, 2).to(xt.dtype)
+            two_odx_t = ((2 * grad) * odx).transpose(1, 2).to(xt.dtype)
+            for j, (a, e) in enumerate(bounds):
+                out = grad_xt[:, a:e]
+                torch.mm(sym_t[j], xt[:, a:e], out=out)
+                out.addmm_(two_odx_t[j], w0t[:, a:e])
+            if ve is not None:
+                grad_xt.addmm_((-2 * grad * zt.double()).T.to(xt.dtype), ve)
+            grad_w, grad_b = grad_xt[:-1].T, grad_xt[-1]
+        if ve is not None and ctx.needs_input_grad[4]:
+            grad_zt = (-2 * grad * q).to(zt.dtype)
+        return grad_w, grad_b, (2 * grad) * cross, grad * gram, grad_zt, None, None, None, None
 
 
 _ACT_FN = {
