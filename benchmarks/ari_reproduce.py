@@ -79,10 +79,12 @@ def main() -> None:
     parser.add_argument("benchmark", choices=sorted(BENCHMARK))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", default=["ari", "ari_random", "finetune", "ewc"])
+    parser.add_argument("--override", nargs="*", default=[], help="extra overrides for the ARI runs, e.g. "
+                        "method.plugins.ARIConsolidation.estimator_weight_decay=0.1")
     args = parser.parse_args()
     rows = []
     for method in args.methods:
-        overrides = runs(args.benchmark)[method]
+        overrides = runs(args.benchmark)[method] + (args.override if method.startswith("ari") else [])
         accs, fs, aris, walls = [], [], [], []
         for seed in args.seeds:
             metrics, model = run(overrides, seed)

@@ -96,12 +96,13 @@ class ARIEstimator(nn.Module):
         z = torch.cat([self.param_encoder(param_sigs), self.task_encoder(task_sigs)], -1)
         return self.regressor(torch.relu(z)).squeeze(-1)
 
-    def fit(self, ari: Tensor, param_sigs: Tensor, task_sigs: Tensor, steps: int, lr: float) -> float:
+    def fit(self, ari: Tensor, param_sigs: Tensor, task_sigs: Tensor, steps: int, lr: float,
+            weight_decay: float = 0.0) -> float:
         """Full-batch Adam on the MSE to the observed ARIs (``steps`` steps, warm-started from the current
         weights; deterministic); returns the final training MSE."""
         params = list(self.parameters())
         was = [p.requires_grad for p in params]
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         loss = torch.zeros(())
         with torch.enable_grad():
             for p in params:
