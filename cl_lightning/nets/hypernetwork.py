@@ -21,6 +21,12 @@ computes ``sum_t ||h(e_t) - target_t||^2`` exactly from Gram matrices of the las
 over the past tasks' last hidden activations, without generating their weights (its cost barely grows
 with the number of tasks), given a snapshot from when the targets were taken
 (:meth:`HyperNetwork.output_reference`).
+
+The last layer's weight ``[K, H]`` is stored transposed (strides ``(1, K)``; the values and shape of a plain
+``nn.Linear``, so checkpoints load either way): the products over its long dimension ``K`` (generating,
+the weight gradient ``z^T dY``, the output penalty and its gradient) then run over contiguous rows of
+``W^T``, and the gradients of all of them come out in the parameter's own layout. On a CPU such skinny
+products cost several times more the other way round.
 """
 
 from __future__ import annotations
@@ -115,6 +121,8 @@ class HyperNetwork(nn.Module):
         # raw outputs of about unit variance: the fixed output scale then sets the target's init scale
         nn.init.normal_(out.weight, std=1.0 / math.sqrt(width))
         nn.init.zeros_(out.bias)
+        # the same values, stored transposed (strides (1, K)): see the module docstring
+        out.weight = nn.Parameter(out.weight.detach().T.contiguous().T)
         return hidden, out
 
     def _build(self) -> None:
@@ -188,9 +196,12 @@ class HyperNetwork(nn.Module):
             raw0 = F.linear(z0, w0, b0)                                   # [P, C, K]
             weights = self._to_weights(self._flat(raw0))
             bounds, seg_weight, s = self._penalty_layout()
-            w0t = w0.T.contiguous()                                       # [H, K] (a copy)
+            K, H = w0.shape
+            yt = w0.new_empty(2 * H + 1, K)                               # [W0^T; workspace for X^T]
+            yt[:H] = w0.T                                                 # a copy: w0.T is the parameter
+            w0t = yt[:H]
             gram0 = torch.stack([w0t[:, a:e] @ w0t[:, a:e].T for a, e in bounds]).double()
-            ref = OutputReference(z0=z0, w0t=w0t, b0=b0.clone(), gram0=gram0, bounds=bounds,
+            ref = OutputReference(z0=z0, yt=yt, b0=b0.clone(), gram0=gram0, bounds=bounds,
                                   seg_weight=seg_weight.to(z0.device))
             if targets is not None:
                 if targets.shape != weights.shape:
@@ -271,24 +282,13 @@ class HyperNetwork(nn.Module):
         parameters move), costing a factor ``(|W0 dz| / |residual|)^2`` of float32 resolution; measured in
         training, that leaves the error at the direct form's own (the tests check both against float64).
         ``O`` and the final sums are float64; ``params`` replaces parameters (the lookahead's
-        ``theta + dtheta``).
+        ``theta + dtheta``). Everything after the last hidden layer is one autograd function,
+        :class:`_OutputPenalty`.
         """
         everything = rows is None or torch.equal(rows.cpu(), torch.arange(len(reference.z0)))
         ref = reference if everything else reference.rows(rows)
-        w = self._param(params, "out.weight")
-        b = self._param(params, "out.bias")
         z = self.last_hidden(embeddings, params)                          # [n, C, H]
-        dz = z - ref.z0
-        zt = torch.cat([z, z.new_ones(*z.shape[:-1], 1)], -1)              # [n, C, H+1]
-        v = torch.cat([dz, zt], -1).double()                              # [n, C, 2H+1]
-        omega = torch.einsum("cj,nca,ncb->jab", ref.seg_weight, v, v)      # [J, 2H+1, 2H+1]
-        H = dz.shape[-1]
-        penalty = (ref.gram0 * omega[:, :H, :H]).sum() + _LastLayerTerms.apply(
-            w, b, omega[:, :H, H:], omega[:, H:, H:], zt.flatten(0, 1), ref.w0t, ref.b0, ref.bounds,
-            None if ref.ve is None else ref.ve.flatten(0, 1))
-        if ref.ve is not None:  # targets that the reference does not generate: -2 <S e, W0 dz> + |e|_S^2
-            penalty = penalty - 2 * (ref.ve_w0 * dz.double()).sum() + ref.e_const.sum()
-        return penalty.to(w.dtype)
+        return _OutputPenalty.apply(z, self._param(params, "out.weight"), self._param(params, "out.bias"), ref)
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -362,7 +362,8 @@ class OutputReference:
     """
 
     z0: Tensor                       # [P, C, H] last hidden activations
-    w0t: Tensor                      # [H, K] last-layer weight, transposed
+    yt: Tensor                       # [2H+1, K] W0^T (last-layer weight, transposed), then the H+1 rows
+    #                                  that each penalty overwrites with X^T (workspace; _OutputPenalty)
     b0: Tensor                       # [K] last-layer bias
     gram0: Tensor                    # [J, H, H] W0_j^T W0_j per segment (float64)
     bounds: list[tuple[int, int]]    # segments [a, b) of a chunk's K outputs
@@ -386,54 +387,88 @@ class OutputReference:
     def device(self) -> torch.device:
         return self.z0.device
 
+    @property
+    def w0t(self) -> Tensor:
+        """``[H, K]`` the last-layer weight, transposed."""
+        return self.yt[: self.z0.shape[-1]]
 
-class _LastLayerTerms(torch.autograd.Function):
-    """The output penalty's terms that involve the last layer's change ``X = [W - W0, b - b0]``:
 
-        sum_j 2 <W0_j^T X_j, Odx_j> + <X_j^T X_j, Oxx_j>   [ - 2 sum_r (ve_r X) . zt_r ]
+class _OutputPenalty(torch.autograd.Function):
+    """:meth:`HyperNetwork.output_penalty` from the last hidden activations ``z`` ``[n, C, H]`` and the last
+    layer ``W, b``, with its gradient in closed form (one node instead of a graph of small operations).
 
-    ``X`` is formed transposed, ``[H+1, K]``, so that the long contractions run over contiguous memory;
-    the Gram matrices of the value are reused by the backward, and ``dX = 2 W0 Odx + X (Oxx + Oxx^T)``
-    is written into one buffer. Few large temporaries: allocating fresh memory is much of the cost on a CPU.
+    With ``v = [dz; z; 1]`` per row and ``O_j = sum_rows scale_j^2 v v^T``, the value is
+    ``sum_j <B_j, O_j>`` [``- 2 sum_r (ve_r X) . [z_r; 1] - 2 <ve_w0, dz> + sum e_const``], where
+    ``B_j = [[W0_j^T W0_j, 2 W0_j^T X_j], [0, X_j^T X_j]]``; so ``d/dv_r = sum_j scale_j^2 (B_j + B_j^T) v_r``
+    and ``dX = 2 W0 Odx + X (Oxx + Oxx^T)``.
+
+    ``X`` is formed transposed under ``W0^T`` in the reference's buffer ``yt = [W0^T; X^T]`` ``[2H+1, K]``,
+    so that each segment takes one matrix product forward, ``yt_j X_j = [W0_j^T X_j; X_j^T X_j]``, and one
+    backward, ``dX_j^T = [2 Odx_j; Oxx_j + Oxx_j^T]^T yt_j``, both over contiguous memory (skinny products
+    over ``K`` cost much more on a CPU the other way round). The buffer is overwritten by the next
+    penalty; a backward that finds it overwritten (its version changed) forms ``X`` again from ``W, b``.
     """
 
     @staticmethod
-    def forward(ctx, w: Tensor, b: Tensor, odx: Tensor, oxx: Tensor, zt: Tensor, w0t: Tensor, b0: Tensor,
-                bounds: list[tuple[int, int]], ve: Tensor | None) -> Tensor:
-        xt = torch.empty(w.shape[1] + 1, w.shape[0], dtype=w.dtype, device=w.device)
-        torch.sub(w.T, w0t, out=xt[:-1])
-        torch.sub(b, b0, out=xt[-1])
-        cross = torch.stack([w0t[:, a:e] @ xt[:, a:e].T for a, e in bounds]).double()   # [J, H, H+1]
-        gram = torch.stack([xt[:, a:e] @ xt[:, a:e].T for a, e in bounds]).double()     # [J, H+1, H+1]
-        value = 2 * (cross * odx).sum() + (gram * oxx).sum()
+    def forward(ctx, z: Tensor, w: Tensor, b: Tensor, ref: OutputReference) -> Tensor:
+        H, yt = z.shape[-1], ref.yt
+        dz = z - ref.z0
+        v = torch.cat([dz, z, z.new_ones(*z.shape[:-1], 1)], -1).double()  # [n, C, 2H+1]
+        omega = torch.einsum("cj,nca,ncb->jab", ref.seg_weight, v, v)      # [J, 2H+1, 2H+1]
+        xt = _form_xt(w, b, yt, ref.b0, yt[H:])
+        prods = torch.stack([yt[:, a:e] @ xt[:, a:e].T for a, e in ref.bounds]).double()  # [J, 2H+1, H+1]
+        big_b = torch.zeros_like(omega)                                   # B_j
+        big_b[:, :H, :H] = ref.gram0
+        big_b[:, :H, H:] = 2 * prods[:, :H]
+        big_b[:, H:, H:] = prods[:, H:]
+        value = (big_b * omega).sum()
         q = None
-        if ve is not None:
-            q = (ve @ xt.T).double()                                      # [R, H+1]
-            value = value - 2 * (q * zt.double()).sum()
-        ctx.save_for_backward(xt, odx, oxx, zt, w0t, cross, gram, ve, q)
-        ctx.bounds = bounds
-        return value
+        if ref.ve is not None:  # targets that the reference does not generate
+            q = (ref.ve.flatten(0, 1) @ xt.T).double().view_as(v[..., H:])  # [n, C, H+1]
+            value = value - 2 * (q * v[..., H:]).sum() - 2 * (ref.ve_w0 * v[..., :H]).sum() + ref.e_const.sum()
+        ctx.save_for_backward(w, b, v, omega, big_b, q)
+        ctx.ref, ctx.yt_version, ctx.z_dtype = ref, yt._version, z.dtype
+        return value.to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        xt, odx, oxx, zt, w0t, cross, gram, ve, q = ctx.saved_tensors
-        bounds = ctx.bounds
-        grad_w = grad_b = grad_zt = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            covered = sum(e - a for a, e in bounds) == xt.shape[1]
-            grad_xt = torch.empty_like(xt) if covered else torch.zeros_like(xt)
-            sym_t = ((oxx + oxx.transpose(1, 2)) * grad).transpose(1, 2).to(xt.dtype)
-            two_odx_t = ((2 * grad) * odx).transpose(1, 2).to(xt.dtype)
-            for j, (a, e) in enumerate(bounds):
-                out = grad_xt[:, a:e]
-                torch.mm(sym_t[j], xt[:, a:e], out=out)
-                out.addmm_(two_odx_t[j], w0t[:, a:e])
+        w, b, v, omega, big_b, q = ctx.saved_tensors
+        ref, H, g = ctx.ref, w.shape[1], grad.double()
+        yt, ve = ref.yt, ref.ve
+        grad_z = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gv = torch.einsum("cj,jab,ncb->nca", ref.seg_weight, big_b + big_b.transpose(1, 2), v)
             if ve is not None:
-                grad_xt.addmm_((-2 * grad * zt.double()).T.to(xt.dtype), ve)
+                gv[..., H:] -= 2 * q
+                gv[..., :H] -= 2 * ref.ve_w0
+            grad_z = (g * (gv[..., :H] + gv[..., H:-1])).to(ctx.z_dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            K = yt.shape[1]
+            covered = sum(e - a for a, e in ref.bounds) == K
+            grad_xt = yt.new_empty(H + 1, K) if covered else yt.new_zeros(H + 1, K)
+            odx, oxx = omega[:, :H, H:], omega[:, H:, H:]
+            m_t = torch.cat([(2 * g) * odx, g * (oxx + oxx.transpose(1, 2))], 1).transpose(1, 2).to(yt.dtype)
+            if yt._version == ctx.yt_version:
+                for j, (a, e) in enumerate(ref.bounds):
+                    torch.mm(m_t[j], yt[:, a:e], out=grad_xt[:, a:e])
+            else:  # another penalty has overwritten X^T since the forward
+                xt = _form_xt(w, b, yt, ref.b0, yt.new_empty(H + 1, K))
+                for j, (a, e) in enumerate(ref.bounds):
+                    out = grad_xt[:, a:e]
+                    torch.mm(m_t[j, :, H:], xt[:, a:e], out=out)
+                    out.addmm_(m_t[j, :, :H], yt[:H, a:e])
+            if ve is not None:
+                grad_xt.addmm_((-2 * g * v[..., H:]).flatten(0, 1).T.to(yt.dtype), ve.flatten(0, 1))
             grad_w, grad_b = grad_xt[:-1].T, grad_xt[-1]
-        if ve is not None and ctx.needs_input_grad[4]:
-            grad_zt = (-2 * grad * q).to(zt.dtype)
-        return grad_w, grad_b, (2 * grad) * cross, grad * gram, grad_zt, None, None, None, None
+        return grad_z, grad_w, grad_b, None
+
+
+def _form_xt(w: Tensor, b: Tensor, yt: Tensor, b0: Tensor, out: Tensor) -> Tensor:
+    """``X^T = [W^T - W0^T; b - b0]`` into ``out`` ``[H+1, K]`` (``W0^T`` = the first ``H`` rows of ``yt``)."""
+    H = w.shape[1]
+    torch.sub(w.T, yt[:H], out=out[:H])
+    torch.sub(b, b0, out=out[H])
+    return out
 
 
 _ACT_FN = {
