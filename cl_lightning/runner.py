@@ -62,17 +62,17 @@ class RunRecord(L.Callback):
         self.train_seconds = 0.0
         #: Adaptation rate integral of each finished task's training trajectory (None: regression).
         self.ari: list[float | None] = []
-        #: This task's per-step (misclassified, samples) on this rank, as the method counted them.
-        self.trajectory: list[Tensor] = []
+        #: This task's per-step misclassified samples on this rank, as the method counted them, and samples.
+        self.trajectory: list[Tensor | int] = []
+        self.trajectory_samples: list[int] = []
 
     @property
     def state_key(self) -> str:
         return "RunRecord"
 
     def state_dict(self) -> dict[str, Any]:
-        trajectory = torch.stack(self.trajectory).cpu() if self.trajectory else torch.zeros(0, 2)
         return {"baseline": self.baseline, "rows": self.rows, "steps": self.steps,
-                "train_seconds": self.train_seconds, "ari": self.ari, "trajectory": trajectory}
+                "train_seconds": self.train_seconds, "ari": self.ari, "trajectory": self._counts().cpu()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baseline = state_dict["baseline"]
@@ -80,19 +80,30 @@ class RunRecord(L.Callback):
         self.steps = int(state_dict["steps"])
         self.train_seconds = float(state_dict.get("train_seconds", 0.0))
         self.ari = list(state_dict.get("ari", []))
-        self.trajectory = list(state_dict.get("trajectory", torch.zeros(0, 2)).unbind(0))
+        counts = state_dict.get("trajectory", torch.zeros(0, 2))
+        self.trajectory = list(counts[:, 0].unbind(0))
+        self.trajectory_samples = [int(n) for n in counts[:, 1].tolist()]
 
     # ------------------------------------------------------------------ the training trajectory (ARI)
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        pl_module.step_errors = torch.zeros(2, device=pl_module.device)
+        pl_module.step_wrong, pl_module.step_samples = 0, 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self.trajectory.append(pl_module.step_errors.detach())
+        self.trajectory.append(pl_module.step_wrong)
+        self.trajectory_samples.append(pl_module.step_samples)
+
+    def _counts(self) -> Tensor:
+        """``[steps, 2]``: (misclassified, samples) per step of this task on this rank."""
+        if not self.trajectory:
+            return torch.zeros(0, 2)
+        wrong = torch.stack([torch.as_tensor(w).float().cpu() for w in self.trajectory])
+        samples = torch.tensor(self.trajectory_samples, dtype=torch.float)
+        return torch.stack([wrong, samples], 1)
 
     def finish_task(self, trainer: L.Trainer) -> float | None:
         """The ARI of the task just trained, from the per-step errors of all ranks; starts a new trajectory."""
-        counts = torch.stack(self.trajectory) if self.trajectory else torch.zeros(0, 2)
-        self.trajectory = []
+        counts = self._counts()
+        self.trajectory, self.trajectory_samples = [], []
         if trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum")
         counts = counts[counts[:, 1] > 0].cpu()

@@ -63,8 +63,10 @@ class ContinualModule(L.LightningModule):
         #: Optimizer steps taken in earlier tasks, so logged curves share one monotonic step axis.
         self.steps_before_task = 0
         self.last_eval: Tensor | None = None
-        #: (misclassified, samples) of the current training step, read and reset by the runner.
-        self.step_errors: Tensor = torch.zeros(2)
+        #: Misclassified samples (a tensor: no device sync per step) and samples of the current training
+        #: step, read and reset by the runner.
+        self.step_wrong: Tensor | int = 0
+        self.step_samples = 0
 
     # ------------------------------------------------------------------ set-up
     def setup_tasks(self, info: BenchmarkInfo) -> None:
@@ -115,8 +117,8 @@ class ContinualModule(L.LightningModule):
         loss call it with their logits."""
         if not (self.training and torch.is_grad_enabled()):
             return
-        wrong = (out.detach().argmax(-1) != y).sum()
-        self.step_errors = self.step_errors + torch.stack([wrong.float(), wrong.new_tensor(y.numel()).float()])
+        self.step_wrong = self.step_wrong + (out.detach().argmax(-1) != y).sum()  # stays on the device
+        self.step_samples += y.numel()
 
     def scores_of(self, out: Tensor, y: Tensor) -> Tensor:
         """Per-sample evaluation score: correctness, or squared error for regression."""
