@@ -434,3 +434,26 @@ def test_ddp_two_processes_match_one(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[devices] = json.loads((out / "metrics.json").read_text())["R"]
     np.testing.assert_allclose(results[2], results[1], rtol=1e-3, atol=1e-4)
+
+
+def test_two_algebraic_penalties_before_one_backward():
+    """The reference's buffer holds the last penalty's ``X``; a backward through an earlier penalty (here
+    the sum of one at theta and one at theta + d, as a lookahead-style caller could build) must rebuild its
+    own ``X``: value and gradients equal the direct form's."""
+    from torch.func import functional_call
+
+    m, reg = _reg_hnet("chunked", torch.float64)
+    _start_task(m, reg, 4)
+    _drift(m, 1e-2)
+    hnet = m.hypernetwork
+    names = [n for n, _ in hnet.named_parameters()]
+    params = list(hnet.parameters())
+    shift = {n: p + 1e-2 * torch.randn_like(p) for n, p in zip(names, params, strict=True)}
+    emb = m.embeddings(range(4)).detach()
+    ref = reg.reference(m, torch.device("cpu"))
+    algebraic = hnet.output_penalty(emb, ref) + hnet.output_penalty(emb, ref, params=shift)
+    targets = reg.targets
+    direct = (hnet(emb) - targets).pow(2).sum() + (functional_call(hnet, shift, (emb,)) - targets).pow(2).sum()
+    torch.testing.assert_close(algebraic, direct, rtol=1e-7, atol=0)
+    for ga, gd in zip(torch.autograd.grad(algebraic, params), torch.autograd.grad(direct, params), strict=True):
+        torch.testing.assert_close(ga, gd, rtol=1e-6, atol=1e-9)
