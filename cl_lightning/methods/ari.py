@@ -365,7 +365,7 @@ class ARILearner(ContinualModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["continual"]["ari"] = {
             "candidate_sources": list(self.candidate_sources),
-            "candidates_task": getattr(self, "candidates_task", -1),
+            "candidates_task": self.candidates_task,
             "explore_wrong": [w.cpu() for w in self.explore_wrong],
             "explore_count": list(self.explore_count),
         }
