@@ -175,6 +175,9 @@ class ARILearner(ContinualModule):
         self.register_buffer("memory_x", torch.zeros(T, self.memory_per_task, *info.input_shape))
         self.register_buffer("memory_y", torch.zeros(T, self.memory_per_task, dtype=torch.long))
         self.register_buffer("memory_size", torch.zeros(T, dtype=torch.long))
+        for m in self.estimator.modules():  # from the run's seed, not from whenever q was constructed
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
         for p in [*self.knowledge_base.parameters(), *self.estimator.parameters()]:
             p.requires_grad_(False)  # trained by the consolidation plugin, not by the task's optimizer
 
