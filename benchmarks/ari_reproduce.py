@@ -15,7 +15,6 @@ learner against one base model, and what consolidation did at each task.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import data_dir  # noqa: E402
 from cl_lightning.config import compose  # noqa: E402
 from cl_lightning.experiment import build  # noqa: E402
 from cl_lightning.runner import ContinualRunner  # noqa: E402
@@ -35,13 +35,6 @@ PAPER = {  # (ACC, F) in %, the paper's Table 1 / Table 2
     "permuted": {"ari": (84.2, 0.2), "ari_random": (45.4, 68.2)},
 }
 BENCHMARK = {"split": ("split_mnist", "class"), "permuted": ("permuted_mnist", "domain")}
-
-
-def data_dir() -> str:
-    for candidate in (os.environ.get("CL_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "data"):
-        if candidate and (Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
-            return str(candidate)
-    return "./data"
 
 
 def gem_protocol(key: str) -> list[str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,17 +28,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import data_dir  # noqa: E402
 from callbacks import ARIConsolidation  # noqa: E402
 from cl_lightning.methods import ARILearner  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
 from datamodules import SplitMNIST  # noqa: E402
-
-
-def data_dir() -> str:
-    for candidate in (os.environ.get("CL_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "data"):
-        if candidate and (Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
-            return str(candidate)
-    return "./data"
 
 
 def main() -> None:

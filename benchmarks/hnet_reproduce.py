@@ -15,7 +15,6 @@ the accuracy matrix's diagonal ("during": just after each task) and last row ("a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import data_dir  # noqa: E402
 from cl_lightning.config import compose  # noqa: E402
 from cl_lightning.experiment import build  # noqa: E402
 from cl_lightning.runner import ContinualRunner  # noqa: E402
@@ -34,13 +34,6 @@ from cl_lightning.runner import ContinualRunner  # noqa: E402
 PAPER = {"split_cl1": 99.79, "pmnist_cl1": 97.57, "split_cl3": 69.48, "pmnist_cl3": 91.75}
 EXPERIMENT = {"split_cl1": "hnet_split_mnist_cl1", "pmnist_cl1": "hnet_permuted_mnist_cl1",
               "split_cl3": "hnet_split_mnist_cl3", "pmnist_cl3": "hnet_permuted_mnist_cl3"}
-
-
-def data_dir() -> str:
-    for candidate in (os.environ.get("CL_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "data"):
-        if candidate and (Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
-            return str(candidate)
-    return "./data"
 
 
 def run_experiment(name: str, overrides: list[str]) -> tuple[dict, object]:

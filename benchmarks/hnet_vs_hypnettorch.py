@@ -16,7 +16,6 @@ tasks' weights generated in one batched pass and compared with the targets) or `
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,18 +27,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import data_dir  # noqa: E402
 from callbacks.hnet_regularizer import OutputRegularizer  # noqa: E402
 from cl_lightning.methods.hnet import HNET  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork  # noqa: E402
 from datamodules.mnist import SplitMNIST  # noqa: E402
-
-
-def data_dir() -> str:
-    for candidate in (os.environ.get("CL_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "data"):
-        if candidate and (Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
-            return str(candidate)
-    return "./data"
 
 
 def batches(dm: SplitMNIST, task: int, steps: int, batch: int, seed: int):
