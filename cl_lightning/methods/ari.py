@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
-from cl_lightning.methods.base import ContinualModule
+from cl_lightning.methods.base import ContinualModule, per_task_outputs
 from cl_lightning.nets.ari_estimator import ARIEstimator, RandomFeatures, pad_signature, task_signature
 from cl_lightning.nets.functional import FunctionalTarget
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
@@ -229,7 +229,9 @@ class ARILearner(ContinualModule):
     def predicted_ari(self, sets: Tensor, tasks: Sequence[int]) -> Tensor:
         """``[len(tasks), B]``: the estimator's ARI of every set on every given (observed) task."""
         sigs = self.param_signatures(sets)
-        return torch.stack([self.estimator(sigs, self.task_sigs[t]) for t in tasks])
+        task_sigs = self.task_sigs[list(tasks)]
+        pred = self.estimator(sigs.repeat(len(task_sigs), 1), task_sigs.repeat_interleave(len(sigs), 0))
+        return pred.view(len(task_sigs), len(sigs))
 
     # ------------------------------------------------------------------ the knowledge base
     def kb_sets(self) -> Tensor:
@@ -255,6 +257,12 @@ class ARILearner(ContinualModule):
             return self.predicted_ari(sets, tasks).sum(0).topk(count).indices.cpu()
         g = _seeded(self.init_seed, salt, *tasks)
         return torch.randperm(len(sets), generator=g)[:count]
+
+    def best_set_per_task(self, sets: Tensor, tasks: Sequence[int], salt: int) -> list[int]:
+        """For each task, the index of the set with the highest predicted ARI (signatures computed once)."""
+        if self.use_estimator():
+            return self.predicted_ari(sets, tasks).argmax(1).tolist()
+        return [int(self.rank_sets(sets, [m], 1, salt)[0]) for m in tasks]
 
     # ------------------------------------------------------------------ exploration
     @torch.no_grad()
@@ -321,7 +329,7 @@ class ARILearner(ContinualModule):
         if learned and int(self.kb_count):
             with torch.inference_mode(False), torch.no_grad():
                 kb = self.kb_sets().clone()
-                picks = [int(self.rank_sets(kb, [m], 1, salt=19)[0]) for m in range(learned)]
+                picks = self.best_set_per_task(kb, range(learned), salt=19)
                 tuned = self.finetune(kb[picks].clone(), list(range(learned)))
             sets = torch.cat([tuned, sets[learned:]])
         self.eval_sets = sets.detach()
@@ -353,15 +361,7 @@ class ARILearner(ContinualModule):
         if self.eval_sets is None:
             self.prepare_inference()
         assert self.eval_sets is not None
-        tasks = task_ids.unique().tolist()
-        if len(tasks) == 1:
-            return self.target(self.eval_sets[tasks[0]], x)
-        parts = {t: self.target(self.eval_sets[t], x[task_ids == t]) for t in tasks}
-        first = next(iter(parts.values()))
-        out = first.new_empty(len(x), *first.shape[1:])
-        for t, part in parts.items():
-            out[task_ids == t] = part
-        return out
+        return per_task_outputs(x, task_ids, lambda t, rows: self.target(self.eval_sets[t], rows))
 
     # ------------------------------------------------------------------ checkpoints and accounting
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

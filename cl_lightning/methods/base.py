@@ -8,7 +8,7 @@ per-task evaluation that fills a row of the accuracy matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -22,6 +22,20 @@ from cl_lightning.nets import MLP
 from cl_lightning.tasks import BenchmarkInfo, Scenario
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
+def per_task_outputs(x: Tensor, task_ids: Tensor, run: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """``run(task, rows)`` on the rows of each task present in the batch, reassembled in batch order
+    (one call when the batch holds a single task, the usual case)."""
+    tasks = task_ids.unique().tolist()
+    if len(tasks) == 1:
+        return run(tasks[0], x)
+    parts = {t: run(t, x[task_ids == t]) for t in tasks}
+    first = next(iter(parts.values()))
+    out = first.new_empty(len(x), *first.shape[1:])
+    for t, part in parts.items():
+        out[task_ids == t] = part
+    return out
 
 
 class ContinualModule(L.LightningModule):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
-from cl_lightning.methods.base import ContinualModule
+from cl_lightning.methods.base import ContinualModule, per_task_outputs
 from cl_lightning.nets.functional import FunctionalTarget, buffer_key, stack_buffers
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
 from cl_lightning.nets.mlp import MLP
@@ -132,16 +132,7 @@ class HNET(ContinualModule):
         return self.target(self.generate([task])[0], x, self.task_buffers(task))
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
-        tasks = task_ids.unique().tolist()
-        if len(tasks) == 1:
-            out = self.run_task(tasks[0], x)
-        else:  # rows of several tasks: one target pass per task
-            parts = {t: self.run_task(t, x[task_ids == t]) for t in tasks}
-            first = next(iter(parts.values()))
-            out = first.new_empty(len(x), *first.shape[1:])
-            for t, part in parts.items():
-                out[task_ids == t] = part
-        return self.place(out, task_ids)
+        return self.place(per_task_outputs(x, task_ids, self.run_task), task_ids)
 
     def place(self, out: Tensor, task_ids: Tensor) -> Tensor:
         """Class-IL: each row's task logits into its task's slice of the packed output (else as is)."""
