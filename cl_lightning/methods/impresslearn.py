@@ -175,16 +175,28 @@ class ImpressLearn(SupermaskModule):
         return loss
 
     def homogeneous_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """All M basis masks on task 0 at once; mask m sees its own seeded random subset of the batch."""
+        """All M basis masks on task 0 at once; mask m sees its own seeded random subset of the batch.
+
+        The subsets are drawn over the global batch (the datamodule gives rank r the r-th contiguous equal
+        shard of it) from a seed that does not depend on the rank, and each rank sums its part of them; the
+        sum is scaled so that DDP's gradient average is the 1-process loss's gradient. So DDP learns the
+        same masks as one process.
+        """
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
         m, b = self.basis_size, len(y)
-        keep = max(1, round(self.homogeneous_subsample * b))
-        seed = (self.steps_before_task + self.global_step) * 65_537 + self.global_rank * 7919 + 17
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.rand(m, b, generator=g).argsort(1)[:, :keep].to(x.device)  # [M, keep]
-        out = self.backbone.forward_each(x[idx], self.basis_slots)  # [M, keep, k]
-        labels = self.local_labels(y[idx], 0).flatten()
-        self.record_train_error(out.flatten(0, 1), labels)
-        return m * F.cross_entropy(out.flatten(0, 1), labels)
+        keep = max(1, round(self.homogeneous_subsample * b * world))
+        g = torch.Generator().manual_seed((self.steps_before_task + self.global_step) * 65_537 + 17)
+        chosen = torch.rand(m, b * world, generator=g).argsort(1)[:, :keep] - self.global_rank * b
+        mine = (chosen >= 0) & (chosen < b)                                      # [M, keep]
+        first = (~mine).to(torch.uint8).argsort(dim=1, stable=True)[:, : int(mine.sum(1).max())]
+        idx, mine = chosen.gather(1, first).clamp(0, b - 1), mine.gather(1, first)  # this rank's, padded
+        idx, mine = idx.to(x.device), mine.to(x.device)
+        out = self.backbone.forward_each(x[idx], self.basis_slots)              # [M, n, k]
+        labels = self.local_labels(y[idx], 0)
+        self.record_train_error(out[mine], labels[mine])
+        losses = F.cross_entropy(out.flatten(0, 1), labels.flatten(), reduction="none")
+        return (losses * mine.flatten()).sum() * world / keep
 
     # ------------------------------------------------------------------ inference
     def predict_for_eval(self, x: Tensor, task_ids: Tensor) -> Tensor:
