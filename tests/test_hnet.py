@@ -414,17 +414,24 @@ def test_resume_restores_embeddings_and_targets(poly_runs):
 # ---------------------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo DDP test runs on Linux/macOS")
-def test_ddp_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_ddp_two_processes_match_one(tmp_path, batch_norm):
+    """Same R with 2 DDP processes as with 1 (lookahead on); with a batch-norm target also the same per-task
+    running statistics, since batch norm normalises with the global batch's statistics. (The batch-norm run
+    uses SGD and fewer steps: the target's biases before batch norm have an exact gradient of zero, and Adam
+    would blow its float rounding up to steps of size lr, different in the two runs.)"""
     args = ["method=hnet", "benchmark=poly_regression", "logger=none", "trainer.enable_progress_bar=false",
-            "method.target.hidden_sizes=[10,10]",
+            "method.target.hidden_sizes=[10,10]", f"method.target.batch_norm={str(batch_norm).lower()}",
             "method.hypernetwork.class_path=cl_lightning.nets.hypernetwork.HyperNetwork",
             "method.hypernetwork.hidden_sizes=[10,10]", "method.hypernetwork.embedding_dim=2", "method.lr=0.01",
             "method.plugins.OutputRegularizer.beta=0.05", "method.plugins.OutputRegularizer.lookahead=true",
             "method.plugins.OutputRegularizer.form=algebraic",  # (auto would pick the direct form here)
             "benchmark.num_tasks=2", "benchmark.train_samples=640", "benchmark.batch_size=32"]
+    if batch_norm:
+        args += ["method.optimizer=sgd", "method.lr=0.001", "benchmark.train_samples=256"]
     env = {k: v for k, v in os.environ.items() if k != "CL_LIGHTNING_RUN_DIR"}
     env["PYTHONPATH"] = str(REPO)
-    results = {}
+    results, stats = {}, {}
     for devices in (1, 2):
         out = tmp_path / f"d{devices}"
         extra = ["trainer.strategy=ddp", "trainer.devices=2"] if devices == 2 else []
@@ -433,7 +440,12 @@ def test_ddp_two_processes_match_one(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[devices] = json.loads((out / "metrics.json").read_text())["R"]
+        state = torch.load(out / "checkpoints" / "after_task_1.ckpt", weights_only=False)["state_dict"]
+        stats[devices] = {k: v for k, v in state.items() if k.startswith("task_stats__")}
     np.testing.assert_allclose(results[2], results[1], rtol=1e-3, atol=1e-4)
+    assert len(stats[1]) == (6 if batch_norm else 0)  # mean, var, count of two layers
+    for name, value in stats[1].items():
+        torch.testing.assert_close(stats[2][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_two_algebraic_penalties_before_one_backward():

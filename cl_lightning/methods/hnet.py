@@ -14,7 +14,8 @@ Scenarios:
   output has the lowest predictive entropy (all seen embeddings in one vectorised pass). Class-IL puts
   the chosen task's logits into its slice of the packed output (the other slices get -inf).
 
-Batch norm in the target keeps running statistics per task (buffers ``[num_tasks, ...]``, checkpointed).
+Batch norm in the target keeps running statistics per task (buffers ``[num_tasks, ...]``, checkpointed);
+under DDP it normalises with the global batch's statistics (:mod:`cl_lightning.nets.batchnorm`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.methods.base import ContinualModule, per_task_outputs
+from cl_lightning.nets.batchnorm import convert_to_global_batchnorm
 from cl_lightning.nets.functional import FunctionalTarget, buffer_key, stack_buffers
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
 from cl_lightning.nets.mlp import MLP
@@ -95,7 +97,9 @@ class HNET(ContinualModule):
         width = getattr(body, "out_features", None)
         if width is None:
             raise ValueError(f"target {type(body).__name__} must expose out_features")
-        self.target = FunctionalTarget(nn.Sequential(body, nn.Linear(width, info.outputs_per_task)))
+        # global-batch statistics under DDP, so that DDP matches one process
+        self.target = FunctionalTarget(nn.Sequential(convert_to_global_batchnorm(body),
+                                                     nn.Linear(width, info.outputs_per_task)))
         self.hypernetwork.set_target_shapes(self.target.param_shapes)
         dim = self.hypernetwork.embedding_dim
         self.task_embeddings = nn.ParameterList(
