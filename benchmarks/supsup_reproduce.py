@@ -3,17 +3,18 @@
 For Permuted-MNIST and Rotated-MNIST with a masked LeNet-300-100 (density 0.5, signed-constant backbone):
 
 1. SupSup: one mask per task for tasks 0..B (B = largest basis size); GG accuracy (task id given) of every
-   task, and GN one-shot task-inference accuracy over test batches of all B+1 tasks.
-2. ImpressLearn on the held-out task B: new-task accuracy of a learned alpha [|M| x 3] against the basis
-   size |M| for three bases: heterogeneous (the SupSup masks of tasks 0..|M|-1), homogeneous (|M| masks
-   trained at once on task 0, different seeds) and random (uniform random masks at the density).
-   Also a single "incorrect" mask (task 0's) on the new task.
+   task, and GN task-inference accuracy (one-shot and binary search) over test batches of all B+1 tasks.
+2. ImpressLearn on the held-out tasks B..B+K-1 (``--new-tasks K``): new-task accuracy (mean over them) of a
+   learned alpha [|M| x 3] against the basis size |M| for three bases: heterogeneous (the SupSup masks of
+   tasks 0..|M|-1), homogeneous (|M| masks trained at once on task 0, different seeds) and random (uniform
+   random masks at the density). Also a single "incorrect" mask (task 0's) on task B.
 3. The storage table (bytes per mask as bitmap / index list, alpha bytes, amortised compression).
 
 Training uses the project's modules (SupSup's masks and inference, the masked nets' batched
 ``forward``/``forward_each``) driven by a plain loop, so one basis serves every |M| of the sweep.
 
-    python benchmarks/supsup_reproduce.py --samples 4000 --epochs 2 --sizes 1 2 4 8 --random-extra 16 32
+    python benchmarks/supsup_reproduce.py   # defaults: --samples 12000 --epochs 3 --alpha-epochs 6
+    #                                         --sizes 1 2 4 8 16 32 --random-extra 64
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def learn_alpha(net, slots, data, args, seed) -> float:
     return accuracy(lambda a: net(a, slots, alpha.detach()), xt, yt)
 
 
+def mean_alpha_accuracy(net, slots, tasks, args, seed) -> float:
+    """``learn_alpha`` on each held-out task, averaged."""
+    return sum(learn_alpha(net, slots, data, args, seed + 1000 * k) for k, data in enumerate(tasks)) / len(tasks)
+
+
 def homogeneous_basis(size: int, data, args) -> MaskedLeNet300100:
     """``size`` masks trained at once on task 0 (one batched forward); mask m sees its own random half of
     every batch (the same scheme as ImpressLearn.homogeneous_loss)."""
@@ -95,7 +101,7 @@ def run_benchmark(name: str, dm, args) -> dict:
     B = max(args.sizes)
     began = time.perf_counter()
     dm.setup()
-    data = [task_tensors(dm, t, args.test) for t in range(B + 1)]
+    data = [task_tensors(dm, t, args.test) for t in range(B + args.new_tasks)]
     # ---------------------------------------------------------------- SupSup on tasks 0..B
     sup = SupSup(backbone=MaskedLeNet300100(), task_inference="oneshot")
     sup.setup_tasks(dm.info)
@@ -109,28 +115,30 @@ def run_benchmark(name: str, dm, args) -> dict:
         gg.append(accuracy(lambda a, t=t: net(a, [t]), xt, yt))
     set_trainable(net, ())
     sup.current_task = B
-    hits = total = 0
+    gn = {}
     with torch.inference_mode():
-        for t in range(B + 1):
-            for xb in data[t][2].split(args.gn_batch):
-                hits += int(sup.infer_task(xb) == t)
-                total += 1
-    gn = hits / total
-    new = data[B]
-    wrong = accuracy(lambda a: net(a, [0]), new[2], new[3])
+        for mode in ("oneshot", "binary"):
+            hits = total = 0
+            for t in range(B + 1):
+                for xb in data[t][2].split(args.gn_batch):
+                    hits += int(sup.infer_task(xb, mode) == t)
+                    total += 1
+            gn[mode] = hits / total
+    new = data[B:]
+    wrong = accuracy(lambda a: net(a, [0]), new[0][2], new[0][3])
     t_supsup = time.perf_counter() - began
     # ---------------------------------------------------------------- ImpressLearn sweep on task B
     curves: dict[str, dict[int, float]] = {"heterogeneous": {}, "homogeneous": {}, "random": {}}
     for m in args.sizes:
-        curves["heterogeneous"][m] = learn_alpha(net, list(range(m)), new, args, seed=100 + m)
+        curves["heterogeneous"][m] = mean_alpha_accuracy(net, list(range(m)), new, args, seed=100 + m)
     homo = homogeneous_basis(B, data[0], args)
     for m in args.sizes:
-        curves["homogeneous"][m] = learn_alpha(homo, list(range(m)), new, args, seed=200 + m)
+        curves["homogeneous"][m] = mean_alpha_accuracy(homo, list(range(m)), new, args, seed=200 + m)
     rand_sizes = sorted({*args.sizes, *args.random_extra})
     rnd = MaskedLeNet300100(score_seed=2)
     rnd.set_io(784, 10, max(rand_sizes))
     for m in rand_sizes:
-        curves["random"][m] = learn_alpha(rnd, list(range(m)), new, args, seed=300 + m)
+        curves["random"][m] = mean_alpha_accuracy(rnd, list(range(m)), new, args, seed=300 + m)
     il = ImpressLearn(basis_kind="heterogeneous", basis_size=B)
     il.setup_tasks(dm.info)
     return {"name": name, "gg": gg, "gn": gn, "wrong": wrong, "curves": curves, "supsup_table": sup.storage_table(),
@@ -142,7 +150,8 @@ def report(res: dict, args) -> None:
     print(f"\n## {res['name']}  ({res['seconds']:.0f} s)")
     print(f"SupSup GG accuracy, tasks 0..{B}: " + ", ".join(f"{a:.3f}" for a in res["gg"])
           + f"  (mean {sum(res['gg']) / len(res['gg']):.3f})")
-    print(f"SupSup GN one-shot task inference over {B + 1} tasks, batches of {args.gn_batch}: {res['gn']:.3f}")
+    print(f"SupSup GN task inference over {B + 1} tasks, batches of {args.gn_batch}: "
+          f"one-shot {res['gn']['oneshot']:.3f}, binary search {res['gn']['binary']:.3f}")
     print(f"incorrect single mask (task 0's) on the new task {B}: {res['wrong']:.3f}")
     sizes = sorted({m for c in res["curves"].values() for m in c})
     print("\n| basis kind | " + " | ".join(f"|M|={m}" for m in sizes) + " |")
@@ -157,16 +166,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("CL_DATA_DIR", "./data"))
     p.add_argument("--benchmarks", nargs="+", default=["permuted", "rotated"])
-    p.add_argument("--samples", type=int, default=4000, help="training samples per task")
+    p.add_argument("--samples", type=int, default=12000, help="training samples per task")
     p.add_argument("--test", type=int, default=2000, help="test samples per task")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per mask")
-    p.add_argument("--alpha-epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="epochs per mask")
+    p.add_argument("--alpha-epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--alpha-lr", type=float, default=0.05)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--gn-batch", type=int, default=128)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--random-extra", type=int, nargs="*", default=[16, 32])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--random-extra", type=int, nargs="*", default=[64])
+    p.add_argument("--new-tasks", type=int, default=1, help="held-out tasks the alpha curves are averaged over")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -175,8 +185,8 @@ def main() -> None:
     print(f"config: {vars(args)}")
     for bench in args.benchmarks:
         cls = {"permuted": PermutedMNIST, "rotated": RotatedMNIST}[bench]
-        dm = cls(num_tasks=B + 1, data_dir=args.data_dir, train_samples_per_task=args.samples)
-        report(run_benchmark(f"{cls.__name__} ({B + 1} tasks)", dm, args), args)
+        dm = cls(num_tasks=B + args.new_tasks, data_dir=args.data_dir, train_samples_per_task=args.samples)
+        report(run_benchmark(f"{cls.__name__} ({B + args.new_tasks} tasks)", dm, args), args)
 
 
 if __name__ == "__main__":
