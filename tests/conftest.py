@@ -1,8 +1,12 @@
-"""Shared fixtures: the real MNIST root, and a quick way to run the task loop on small data."""
+"""Shared fixtures: the real MNIST root, a quick way to run the task loop on small data, and a way to run
+``train.py`` (e.g. under DDP) on a small slice of MNIST."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +41,16 @@ def run_tasks(model, datamodule, run_dir, seed: int = 0, resume: bool = False, *
     kwargs = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
               "log_every_n_steps": 10, **trainer}
     return ContinualRunner(model, datamodule, run_dir, trainer_kwargs=kwargs, seed=seed).run(resume=resume)
+
+
+def train_py(args: list[str], out: Path, mnist_root: Path) -> dict:
+    """``python train.py ARGS`` on 2 tasks of 512 MNIST images in batches of 64 (CPU, no logger); returns
+    the run's ``metrics.json``."""
+    env = {**os.environ, "CL_DATA_DIR": str(mnist_root), "PYTHONWARNINGS": "ignore"}
+    env.pop("CL_LIGHTNING_RUN_DIR", None)
+    cmd = [sys.executable, "train.py", *args, "benchmark.num_tasks=2", "benchmark.train_samples_per_task=512",
+           "benchmark.batch_size=64", "benchmark.eval_batch_size=500", "logger=none", "trainer.accelerator=cpu",
+           "trainer.enable_progress_bar=false", f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())

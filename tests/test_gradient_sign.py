@@ -17,7 +17,7 @@ from callbacks.gradient_sign import GradientSignFilter
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.nets import MLP
 from datamodules.mnist import PermutedMNIST
-from tests.conftest import run_tasks
+from tests.conftest import run_tasks, train_py
 
 
 def identity_predictor(scale: float = 1.0, positive_part: bool = False) -> CoordinatePredictor:
@@ -194,3 +194,27 @@ def test_invalid_arguments_name_the_key():
         GradientSignFilter(table_size=1)
     with pytest.raises(ValueError, match="coords_per_step=0"):
         GradientSignFilter(coords_per_step=0)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(mnist_root, tmp_path):
+    """Through ``train.py`` with SGD (the filter zeroes gradient coordinates after DDP has averaged them): the
+    same pairs are collected and the same predictor is fitted on both ranks, and R equals one process's."""
+    args = ["method=gradsign", "benchmark=permuted_mnist", "method.backbone.hidden_sizes=[64,64]", "method.lr=0.05",
+            "method.plugins.GradientSignFilter.hidden_sizes=[16,16]",
+            "method.plugins.GradientSignFilter.predictor_steps=100",
+            "method.plugins.GradientSignFilter.distill_steps=100",
+            "method.plugins.GradientSignFilter.distill_points=5000",
+            "method.plugins.GradientSignFilter.coords_per_step=128"]
+    one = train_py([*args, "trainer.devices=1"], tmp_path / "one", mnist_root)
+    two = train_py([*args, "trainer.strategy=ddp", "trainer.devices=2"], tmp_path / "two", mnist_root)
+    assert torch.allclose(torch.tensor(one["R"]), torch.tensor(two["R"]), atol=0.01), (one["R"], two["R"])
+    states = []
+    for run in ("one", "two"):
+        ckpt = torch.load(tmp_path / run / "checkpoints" / "after_task_1.ckpt", map_location="cpu",
+                          weights_only=False)
+        states.append(next(v for k, v in ckpt["callbacks"].items() if "GradientSignFilter" in k))
+    assert states[0]["tasks_learned"] == states[1]["tasks_learned"] == 2
+    for name, value in states[0]["running"].items():  # g after distilling two tasks' predictors
+        torch.testing.assert_close(states[1]["running"][name], value, rtol=1e-3, atol=1e-4, msg=name)
+    assert states[0]["range_seen"] == pytest.approx(states[1]["range_seen"], rel=1e-4)

@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import REPO
-
-
-def _train_py(args: list[str], out, mnist_root) -> dict:
-    env = {**os.environ, "CL_DATA_DIR": str(mnist_root), "PYTHONWARNINGS": "ignore"}
-    env.pop("CL_LIGHTNING_RUN_DIR", None)
-    cmd = [sys.executable, "train.py", *args, "benchmark.num_tasks=2", "benchmark.train_samples_per_task=512",
-           "benchmark.batch_size=64", "benchmark.eval_batch_size=500", "logger=none", "trainer.accelerator=cpu",
-           "trainer.enable_progress_bar=false", f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "metrics.json").read_text())
+from tests.conftest import train_py
 
 
 def test_supsup_gn_ddp_two_cpu_processes_match_one(mnist_root, tmp_path):
     args = ["method=supsup", "benchmark=permuted_mnist", "method.task_inference=oneshot"]
-    one = _train_py([*args, "trainer.devices=1"], tmp_path / "one", mnist_root)
-    two = _train_py([*args, "trainer.strategy=ddp", "trainer.devices=2"], tmp_path / "two", mnist_root)
+    one = train_py([*args, "trainer.devices=1"], tmp_path / "one", mnist_root)
+    two = train_py([*args, "trainer.strategy=ddp", "trainer.devices=2"], tmp_path / "two", mnist_root)
     R1, R2 = torch.tensor(one["R"]), torch.tensor(two["R"])
     assert R1.shape == R2.shape == (2, 2)
     assert (R1.diag() > 0.4).all(), R1  # 8 steps per task: well above chance (0.1)
@@ -40,8 +24,8 @@ def test_impresslearn_homogeneous_basis_under_ddp_matches_one_process(mnist_root
     plugin (its digest check raises on any change) and alpha training, on 2 processes and on 1."""
     args = ["method=impresslearn", "benchmark=permuted_mnist", "method.basis_kind=homogeneous",
             "method.basis_size=2", "method.task_inference=given"]
-    two = _train_py([*args, "trainer.strategy=ddp", "trainer.devices=2"], tmp_path / "two", mnist_root)
-    one = _train_py([*args, "trainer.devices=1"], tmp_path / "one", mnist_root)
+    two = train_py([*args, "trainer.strategy=ddp", "trainer.devices=2"], tmp_path / "two", mnist_root)
+    one = train_py([*args, "trainer.devices=1"], tmp_path / "one", mnist_root)
     assert two["R"][-1][0] > 0.4, two["R"]  # 8 steps; chance is 0.1
     assert two["storage"]["basis_masks"] == 2 and two["storage"]["bytes_per_task_alpha"] == 4 * 2 * 3
     # the same subsets of the same global batches; float summation order may flip a few connections
