@@ -9,8 +9,9 @@ Why these pieces:
   DDP rank trained on the same pairs ends with the same weights.
 - ``PredictorTable``: with the parameter value as the only input (or value plus a per-tensor layer
   position) the predictor is a function of one real number, so it is tabulated once per task on a fine
-  grid and linearly interpolated. This replaces a 3x256 MLP per coordinate per step (tens of GFLOPs for
-  a 300k-parameter network) by O(n) work; values outside the grid are evaluated exactly.
+  grid and linearly interpolated (not with the previous value as an input: then it is a function of two).
+  This replaces a 3x256 MLP per coordinate per step (tens of GFLOPs for a 300k-parameter network) by O(n)
+  work; values outside the grid are evaluated exactly.
 - ``descent_direction``: the per-coordinate step an optimizer would take for a raw gradient, divided by
   ``-lr`` (the gradient itself for plain SGD; momentum / Adam / AdamW updates otherwise).
 """
@@ -25,21 +26,23 @@ from torch import Tensor, nn
 
 
 class CoordinatePredictor(nn.Module):
-    """h(theta_j[, layer position]) -> predicted descent direction of coordinate j.
+    """h(theta_j[, layer position][, previous value]) -> predicted descent direction of coordinate j.
 
     Args:
         hidden_sizes: widths of the hidden layers (the paper: three of 256).
-        layer_position: take the position of the coordinate's tensor in the network (in [0, 1]) as a
-            second input.
+        layer_position: take the position of the coordinate's tensor in the network (in [0, 1]) as an input.
+        previous_value: take the coordinate's value before the previous optimizer step as an input (as the
+            change ``theta - previous``, scaled by its typical size).
     """
 
-    def __init__(self, hidden_sizes: Sequence[int] = (256, 256, 256), layer_position: bool = False):
+    def __init__(self, hidden_sizes: Sequence[int] = (256, 256, 256), layer_position: bool = False,
+                 previous_value: bool = False):
         super().__init__()
         if not hidden_sizes or any(h < 1 for h in hidden_sizes):
             raise ValueError(f"hidden_sizes={list(hidden_sizes)} must be a non-empty list of positive widths")
-        self.layer_position = layer_position
+        self.layer_position, self.previous_value = layer_position, previous_value
         layers: list[nn.Module] = []
-        width = 2 if layer_position else 1
+        width = 1 + int(layer_position) + int(previous_value)
         for h in hidden_sizes:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
@@ -48,35 +51,44 @@ class CoordinatePredictor(nn.Module):
         self.register_buffer("in_shift", torch.zeros(()))
         self.register_buffer("in_scale", torch.ones(()))
         self.register_buffer("out_scale", torch.ones(()))
+        self.register_buffer("delta_scale", torch.ones(()))
 
-    def forward(self, theta: Tensor, position: Tensor | None = None) -> Tensor:
+    def forward(self, theta: Tensor, position: Tensor | None = None, previous: Tensor | None = None) -> Tensor:
         x = ((theta - self.in_shift) / self.in_scale).unsqueeze(-1)
         if self.layer_position:
             if position is None:
-                raise ValueError("this predictor takes the layer position as a second input")
+                raise ValueError("this predictor takes the layer position as an input")
             x = torch.cat([x, position.to(x).expand(x.shape[:-1]).unsqueeze(-1)], -1)
+        if self.previous_value:
+            if previous is None:
+                raise ValueError("this predictor takes the previous value as an input")
+            x = torch.cat([x, ((theta - previous.to(x)) / self.delta_scale).unsqueeze(-1)], -1)
         return self.net(x).squeeze(-1) * self.out_scale
 
     @torch.no_grad()
-    def predict(self, theta: Tensor, position: Tensor | float | None = None, chunk: int = 65536) -> Tensor:
+    def predict(self, theta: Tensor, position: Tensor | float | None = None, previous: Tensor | None = None,
+                chunk: int = 65536) -> Tensor:
         """Evaluates many coordinates in chunks (bounded memory), without building a graph."""
         param = next(self.parameters())
         flat = theta.reshape(-1).to(param)
-        pos = None
+        pos = prev = None
         if position is not None:
             pos = torch.as_tensor(position, dtype=param.dtype, device=param.device)
             pos = pos.reshape(-1) if pos.dim() else pos.expand(flat.shape)
+        if previous is not None:
+            prev = previous.reshape(-1).to(param)
         out = torch.empty_like(flat)
         for s in range(0, len(flat), chunk):
-            out[s:s + chunk] = self(flat[s:s + chunk], None if pos is None else pos[s:s + chunk])
+            out[s:s + chunk] = self(flat[s:s + chunk], None if pos is None else pos[s:s + chunk],
+                                    None if prev is None else prev[s:s + chunk])
         return out.view(theta.shape).to(theta.dtype)
 
     def numel(self) -> int:
         return sum(t.numel() for t in self.state_dict().values())
 
 
-def _train(predictor: CoordinatePredictor, x: Tensor, y: Tensor, pos: Tensor | None, steps: int, batch_size: int,
-           lr: float, seed: int) -> float:
+def _train(predictor: CoordinatePredictor, x: Tensor, y: Tensor, pos: Tensor | None, prev: Tensor | None,
+           steps: int, batch_size: int, lr: float, seed: int) -> float:
     """Adam on the normalised squared error; the batch order comes from ``seed`` only."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(predictor.parameters(), lr=lr)
@@ -86,7 +98,7 @@ def _train(predictor: CoordinatePredictor, x: Tensor, y: Tensor, pos: Tensor | N
     predictor.train()
     for _ in range(steps):
         idx = torch.randint(n, (min(batch_size, n),), generator=g).to(x.device)
-        out = predictor(x[idx], None if pos is None else pos[idx])
+        out = predictor(x[idx], None if pos is None else pos[idx], None if prev is None else prev[idx])
         loss = ((out - y[idx]) / scale).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,40 +109,44 @@ def _train(predictor: CoordinatePredictor, x: Tensor, y: Tensor, pos: Tensor | N
     return sum(tail) / len(tail)
 
 
-def _set_scales(predictor: CoordinatePredictor, x: Tensor, y: Tensor) -> None:
+def _set_scales(predictor: CoordinatePredictor, x: Tensor, y: Tensor, prev: Tensor | None = None) -> None:
     predictor.in_shift.fill_(float(x.mean()))
     predictor.in_scale.fill_(max(float(x.std()) if len(x) > 1 else 0.0, 1e-8))
     predictor.out_scale.fill_(max(float(y.pow(2).mean().sqrt()), 1e-12))
+    if prev is not None:
+        predictor.delta_scale.fill_(max(float((x - prev).pow(2).mean().sqrt()), 1e-12))
 
 
 def fit_predictor(x: Tensor, y: Tensor, pos: Tensor | None = None, hidden_sizes: Sequence[int] = (256, 256, 256),
-                  steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3, seed: int = 0
-                  ) -> tuple[CoordinatePredictor, float]:
-    """A fresh predictor fitted to pairs (x: parameter values, y: descent directions); returns it and its
-    final normalised training loss (1.0 is what predicting zero scores)."""
+                  steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3, seed: int = 0,
+                  prev: Tensor | None = None) -> tuple[CoordinatePredictor, float]:
+    """A fresh predictor fitted to pairs (x: parameter values[, pos: layer positions][, prev: values before
+    the previous step]; y: descent directions); returns it and its final normalised training loss (1.0 is
+    what predicting zero scores)."""
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(f"need as many targets as inputs, and some (got {len(x)} inputs, {len(y)} targets)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        predictor = CoordinatePredictor(hidden_sizes, layer_position=pos is not None).to(x.device)
-    _set_scales(predictor, x, y)
-    loss = _train(predictor, x, y, pos, steps, batch_size, lr, seed + 1)
+        predictor = CoordinatePredictor(hidden_sizes, layer_position=pos is not None,
+                                        previous_value=prev is not None).to(x.device)
+    _set_scales(predictor, x, y, prev)
+    loss = _train(predictor, x, y, pos, prev, steps, batch_size, lr, seed + 1)
     return predictor, loss
 
 
 def distill_mean(running: CoordinatePredictor, new: CoordinatePredictor, count: int, x: Tensor,
                  pos: Tensor | None = None, steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3,
-                 seed: int = 0) -> tuple[CoordinatePredictor, float]:
+                 seed: int = 0, prev: Tensor | None = None) -> tuple[CoordinatePredictor, float]:
     """Online distillation (the paper's Eqs. 6-7): a predictor of the running mean
-    ``g_t = ((t-1) g_{t-1} + h_t) / t`` after ``count = t`` tasks, trained on inputs ``x``, warm-started
-    from ``g_{t-1}``. Neither input predictor is changed."""
+    ``g_t = ((t-1) g_{t-1} + h_t) / t`` after ``count = t`` tasks, trained on inputs ``x`` (``pos``,
+    ``prev``), warm-started from ``g_{t-1}``. Neither input predictor is changed."""
     if count < 2:
         raise ValueError(f"count={count}: the running mean of one predictor is that predictor")
     with torch.no_grad():
-        target = ((count - 1) * running.predict(x, pos) + new.predict(x, pos)) / count
+        target = ((count - 1) * running.predict(x, pos, prev) + new.predict(x, pos, prev)) / count
     student = copy.deepcopy(running)
-    _set_scales(student, x, target)
-    loss = _train(student, x, target, pos, steps, batch_size, lr, seed)
+    _set_scales(student, x, target, prev)
+    loss = _train(student, x, target, pos, prev, steps, batch_size, lr, seed)
     return student, loss
 
 

@@ -60,7 +60,11 @@ class GradientSignFilter(ContinualCallback):
         predictor_batch_size, predictor_lr: of those fits.
         distill_points: parameter values (half from the network, half uniform over the seen range) that
             the distillation is trained on.
-        layer_position: give the predictors the position of the coordinate's tensor as a second input.
+        layer_position: give the predictors the position of the coordinate's tensor as an input.
+        previous_value: give the predictors the coordinate's value before the previous optimizer step as an
+            input (the paper's other suggested input). The filter then keeps a copy of the parameters, and
+            the predictor, a function of two values, is evaluated on every coordinate at every step: it
+            needs ``table_size=0`` and a small predictor.
         table_size: grid points of the interpolation table (see ``PredictorTable``); 0 evaluates the
             predictor on every coordinate at every step instead.
         seed: seed of the coordinate sampling and of the predictor fits (the same on every rank).
@@ -70,7 +74,8 @@ class GradientSignFilter(ContinualCallback):
                  filter_mode: str = "auto", coords_per_step: int = 512, collect_every: int = 1,
                  max_pairs: int = 200_000, predictor_steps: int = 1000, predictor_batch_size: int = 1024,
                  predictor_lr: float = 1e-3, distill_steps: int = 1000, distill_points: int = 100_000,
-                 layer_position: bool = False, table_size: int = 4097, seed: int = 0):
+                 layer_position: bool = False, previous_value: bool = False, table_size: int = 4097,
+                 seed: int = 0):
         super().__init__()
         if combine not in COMBINES:
             raise ValueError(f"combine={combine!r} is not one of {list(COMBINES)}")
@@ -86,6 +91,9 @@ class GradientSignFilter(ContinualCallback):
             raise ValueError(f"predictor_lr={predictor_lr} must be positive")
         if table_size == 1 or table_size < 0:
             raise ValueError(f"table_size={table_size} must be 0 (no table) or at least 2")
+        if previous_value and table_size:
+            raise ValueError(f"previous_value=True needs table_size=0 (got table_size={table_size}): a predictor "
+                             "of the value and the previous value cannot be tabulated on one grid")
         if not hidden_sizes or any(h < 1 for h in hidden_sizes):
             raise ValueError(f"hidden_sizes={list(hidden_sizes)} must be a non-empty list of positive widths")
         self.hidden_sizes = [int(h) for h in hidden_sizes]
@@ -94,7 +102,10 @@ class GradientSignFilter(ContinualCallback):
         self.predictor_steps, self.predictor_batch_size, self.predictor_lr = (predictor_steps, predictor_batch_size,
                                                                               predictor_lr)
         self.distill_steps, self.distill_points = distill_steps, distill_points
-        self.layer_position, self.table_size, self.seed = layer_position, table_size, seed
+        self.layer_position, self.previous_value = layer_position, previous_value
+        self.table_size, self.seed = table_size, seed
+        #: The parameters before the last optimizer step (previous_value only; None at a task start).
+        self.previous: list[Tensor] | None = None
         # state kept across tasks
         self.tasks_learned = 0
         self.running: CoordinatePredictor | None = None  # g: the distilled mean of past predictors
@@ -116,7 +127,7 @@ class GradientSignFilter(ContinualCallback):
         return self.tasks_learned > 0
 
     def _reset_buffer(self) -> None:
-        width = 3 if self.layer_position else 2  # value, direction[, layer position]
+        width = 2 + int(self.layer_position) + int(self.previous_value)  # value, direction[, position][, previous]
         self.buffer = torch.zeros(self.max_pairs, width)
         self.filled = 0
         self.seen = 0
@@ -127,6 +138,7 @@ class GradientSignFilter(ContinualCallback):
         self.kept = self.filtered_total = 0.0
         self.generator = torch.Generator().manual_seed(self.seed * 100_003 + task_id)
         self._tables = None
+        self.previous = None
 
     def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
         if self.filled == 0:
@@ -136,9 +148,10 @@ class GradientSignFilter(ContinualCallback):
         data = self.buffer[: self.filled]
         x, y = data[:, 0], data[:, 1]
         pos = data[:, 2] if self.layer_position else None
+        prev = data[:, -1] if self.previous_value else None
         seed = self.seed * 100_003 + 7919 * (task_id + 1)
         h, fit_loss = fit_predictor(x, y, pos, self.hidden_sizes, self.predictor_steps, self.predictor_batch_size,
-                                    self.predictor_lr, seed)
+                                    self.predictor_lr, seed, prev)
         losses = {"task": float(task_id), "fit_loss": fit_loss}
         params = self._params(module)
         flat = torch.cat([p.detach().reshape(-1).cpu() for _, p in params])
@@ -151,10 +164,10 @@ class GradientSignFilter(ContinualCallback):
             if self.running is None:
                 self.running = h
             else:
-                dx, dpos = self.distillation_points(params, seed)
+                dx, dpos, dprev = self.distillation_points(params, seed, data)
                 self.running, losses["distill_loss"] = distill_mean(
                     self.running, h, self.tasks_learned + 1, dx, dpos, self.distill_steps,
-                    self.predictor_batch_size, self.predictor_lr, seed + 1)
+                    self.predictor_batch_size, self.predictor_lr, seed + 1, dprev)
         else:
             self.past.append(h)
         self.tasks_learned += 1
@@ -163,10 +176,14 @@ class GradientSignFilter(ContinualCallback):
             self.load_predictor_state(trainer.strategy.broadcast(self.predictor_state(), src=0))
         self._reset_buffer()
         self._tables = None
+        self.previous = None
 
-    def distillation_points(self, params: list[tuple[str, Tensor]], seed: int) -> tuple[Tensor, Tensor | None]:
+    def distillation_points(self, params: list[tuple[str, Tensor]], seed: int, pairs: Tensor
+                            ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Inputs the running mean is distilled on: current parameter values and a uniform cover of the
-        range seen so far (where future parameters are likely to be)."""
+        range seen so far (where future parameters are likely to be); with ``previous_value``, each point's
+        previous value is the parameter's own (network points) or the point minus the change of a random
+        collected pair (``pairs``: the task's buffer rows)."""
         g = torch.Generator().manual_seed(seed)
         values = [p.detach().reshape(-1).cpu() for _, p in params]
         flat = torch.cat(values)
@@ -176,13 +193,19 @@ class GradientSignFilter(ContinualCallback):
         lo, hi = self.range_seen
         uniform = lo + (hi - lo) * torch.rand(self.distill_points - half, generator=g)
         x = torch.cat([flat[idx], uniform])
-        if not self.layer_position:
-            return x, None
-        positions = self._positions(params)
-        flat_pos = torch.cat([torch.full_like(v, pos) for v, pos in zip(values, positions, strict=True)])
-        choices = torch.tensor(sorted(set(positions)))
-        upos = choices[torch.randint(len(choices), (len(uniform),), generator=g)]
-        return x, torch.cat([flat_pos[idx], upos])
+        pos = prev = None
+        if self.layer_position:
+            positions = self._positions(params)
+            flat_pos = torch.cat([torch.full_like(v, pos) for v, pos in zip(values, positions, strict=True)])
+            choices = torch.tensor(sorted(set(positions)))
+            upos = choices[torch.randint(len(choices), (len(uniform),), generator=g)]
+            pos = torch.cat([flat_pos[idx], upos])
+        if self.previous_value:
+            before = torch.cat([t.reshape(-1).cpu() for t in self.previous]) if self.previous else flat
+            change = pairs[:, 0] - pairs[:, -1]
+            pick = torch.randint(len(change), (len(uniform),), generator=g)
+            prev = torch.cat([before[idx], uniform - change[pick]])
+        return x, pos, prev
 
     # ------------------------------------------------------------------ per step
     @staticmethod
@@ -208,12 +231,15 @@ class GradientSignFilter(ContinualCallback):
         params = [(n, p) for n, p in self._params(pl_module) if p.grad is not None]
         if not params:
             return
+        previous = self.previous_values(params)
+        if self.previous_value:  # the values before this step are the next step's previous values
+            self.previous = [p.detach().clone() for _, p in params]
         if self.step_count % self.collect_every == 0:
-            self.collect(optimizer, params)
+            self.collect(optimizer, params, previous)
         self.step_count += 1
         if not self.active:
             return
-        preds = self.predicted(params)
+        preds = self.predicted(params, previous)
         mode = self._mode(optimizer)
         kept = total = 0.0
         if mode == "gradient":
@@ -251,10 +277,21 @@ class GradientSignFilter(ContinualCallback):
             mask = mask * (direction * pred >= 0).to(direction.dtype)
         return mask
 
+    def previous_values(self, params: list[tuple[str, Tensor]]) -> list[Tensor] | None:
+        """With ``previous_value``: each parameter before the previous optimizer step (itself at a task's
+        first step)."""
+        if not self.previous_value:
+            return None
+        if self.previous is None or len(self.previous) != len(params):
+            return [p.detach() for _, p in params]
+        return [t.to(p.device) for t, (_, p) in zip(self.previous, params, strict=True)]
+
     @torch.no_grad()
-    def collect(self, optimizer: torch.optim.Optimizer, params: list[tuple[str, Tensor]]) -> None:
+    def collect(self, optimizer: torch.optim.Optimizer, params: list[tuple[str, Tensor]],
+                previous: list[Tensor] | None = None) -> None:
         """Samples ``coords_per_step`` coordinates (from the rank-independent generator) and stores their
-        (value, descent direction[, layer position]); reservoir sampling keeps the buffer bounded."""
+        (value, descent direction[, layer position][, previous value]); reservoir sampling keeps the buffer
+        bounded."""
         sizes = [p.numel() for _, p in params]
         idx = torch.randint(sum(sizes), (self.coords_per_step,), generator=self.generator)
         starts = torch.tensor([0, *sizes]).cumsum(0)
@@ -271,6 +308,8 @@ class GradientSignFilter(ContinualCallback):
             rows[sel, 1] = d.float().cpu()
             if self.layer_position:
                 rows[sel, 2] = positions[k]
+            if previous is not None:
+                rows[sel, -1] = previous[k].reshape(-1)[local].float().cpu()
         self._add(rows)
 
     def _add(self, rows: Tensor) -> None:
@@ -297,12 +336,14 @@ class GradientSignFilter(ContinualCallback):
         return [list(self.past)] if self.past else []
 
     @staticmethod
-    def _evaluate(ref: CoordinatePredictor | list[CoordinatePredictor], theta: Tensor, pos: float | None) -> Tensor:
+    def _evaluate(ref: CoordinatePredictor | list[CoordinatePredictor], theta: Tensor, pos: float | None,
+                  previous: Tensor | None = None) -> Tensor:
         if isinstance(ref, CoordinatePredictor):
-            return ref.predict(theta, pos)
-        return torch.stack([r.predict(theta, pos) for r in ref]).mean(0)
+            return ref.predict(theta, pos, previous)
+        return torch.stack([r.predict(theta, pos, previous) for r in ref]).mean(0)
 
-    def predicted(self, params: list[tuple[str, Tensor]]) -> list[list[Tensor]]:
+    def predicted(self, params: list[tuple[str, Tensor]], previous: list[Tensor] | None = None
+                  ) -> list[list[Tensor]]:
         """For every parameter tensor, the predicted directions of each reference."""
         device = params[0][1].device
         refs = self.references()
@@ -312,8 +353,9 @@ class GradientSignFilter(ContinualCallback):
                     r.to(device)
         positions = self._positions(params)
         if self.table_size == 0:
-            return [[self._evaluate(ref, p.detach(), pos) for ref in refs] for (_, p), pos in
-                    zip(params, positions, strict=True)]
+            befores = previous if previous is not None else [None] * len(params)
+            return [[self._evaluate(ref, p.detach(), pos, before) for ref in refs] for (_, p), pos, before in
+                    zip(params, positions, befores, strict=True)]
         if self._tables is None:
             flat = torch.cat([p.detach().reshape(-1) for _, p in params])
             lo, hi = float(flat.min()), float(flat.max())
@@ -339,7 +381,7 @@ class GradientSignFilter(ContinualCallback):
                 "fit_losses": copy.deepcopy(self.fit_losses)}
 
     def _predictor(self, state: dict[str, Tensor]) -> CoordinatePredictor:
-        h = CoordinatePredictor(self.hidden_sizes, self.layer_position)
+        h = CoordinatePredictor(self.hidden_sizes, self.layer_position, self.previous_value)
         h.load_state_dict(state)
         return h.eval()
 
@@ -354,7 +396,8 @@ class GradientSignFilter(ContinualCallback):
     def plugin_state(self) -> dict[str, Any]:
         return {**self.predictor_state(), "buffer": self.buffer[: self.filled].clone(), "seen": self.seen,
                 "step_count": self.step_count, "kept": self.kept, "filtered_total": self.filtered_total,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(),
+                "previous": None if self.previous is None else [t.cpu() for t in self.previous]}
 
     def load_plugin_state(self, state: dict[str, Any]) -> None:
         if "tasks_learned" not in state:
@@ -367,6 +410,7 @@ class GradientSignFilter(ContinualCallback):
         self.step_count = int(state["step_count"])
         self.kept, self.filtered_total = float(state["kept"]), float(state["filtered_total"])
         self.generator.set_state(state["generator"])
+        self.previous = state.get("previous")  # moved to the parameters' device when used
 
     def stored_numel(self) -> int:
         """Values kept between tasks: g (or the past predictors) and the two floats of the seen range."""
@@ -375,6 +419,9 @@ class GradientSignFilter(ContinualCallback):
 
     def storage_breakdown(self) -> dict[str, int]:
         """Also the transient memory of a task: its predictor h (same size as g) and the pair buffer."""
-        one = CoordinatePredictor(self.hidden_sizes, self.layer_position).numel()
-        return {"between_tasks": self.stored_numel(), "current_task_predictor": one,
-                "pair_buffer": self.buffer.numel()}
+        one = CoordinatePredictor(self.hidden_sizes, self.layer_position, self.previous_value).numel()
+        breakdown = {"between_tasks": self.stored_numel(), "current_task_predictor": one,
+                     "pair_buffer": self.buffer.numel()}
+        if self.previous is not None:
+            breakdown["previous_values"] = sum(t.numel() for t in self.previous)
+        return breakdown

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -111,6 +113,71 @@ def test_trained_predictor_reconstructs_its_tasks_gradient_on_held_out_points():
     assert mse < 0.5 * zero, (float(mse), float(zero))
 
 
+def test_previous_value_input_is_collected_used_and_learned():
+    """``previous_value``: (1) the pairs carry each coordinate's value before the previous step; (2) the
+    filter feeds the predictor that value: with a hand-made h = theta - previous it keeps exactly the
+    gradient coordinates whose sign agrees with the last change; (3) a fitted predictor uses the input: on
+    directions that follow the last change it beats a value-only one; (4) two tasks end to end (fit, then
+    distillation with previous values)."""
+    torch.manual_seed(0)
+    plugin = GradientSignFilter(hidden_sizes=[2], previous_value=True, table_size=0, filter_mode="gradient",
+                                coords_per_step=64)
+    h = CoordinatePredictor(hidden_sizes=[2], previous_value=True)  # h = delta_scale * (theta - previous)
+    with torch.no_grad():
+        h.net[0].weight.copy_(torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
+        h.net[0].bias.zero_()
+        h.net[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        h.net[2].bias.zero_()
+    plugin.running, plugin.tasks_learned, plugin.range_seen = h.eval(), 1, (-1.0, 1.0)
+    module = Params(torch.randn(16))
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    theta0 = module.w.detach().clone()
+    module.w.grad = torch.randn(16)
+    plugin.on_before_optimizer_step(None, module, opt)  # first step: previous = theta, h = 0, all kept
+    assert plugin.kept_fraction == 1.0
+    rows = plugin.buffer[: plugin.filled]
+    assert torch.equal(rows[:, 0], rows[:, -1])
+    opt.step()
+    theta1 = module.w.detach().clone()
+    grad = torch.randn(16)
+    module.w.grad = grad.clone()
+    plugin.on_before_optimizer_step(None, module, opt)
+    expected = torch.where(grad * (theta1 - theta0) >= 0, grad, torch.zeros_like(grad))
+    assert torch.equal(module.w.grad, expected) and (expected == 0).any()
+    rows = plugin.buffer[64: plugin.filled]  # the second step's pairs: (theta1[j], ..., theta0[j])
+    j = (rows[:, :1] == theta1).float().argmax(1)
+    assert torch.equal(rows[:, 0], theta1[j]) and torch.equal(rows[:, -1], theta0[j])
+    assert plugin.storage_breakdown()["previous_values"] == 16
+    copy = GradientSignFilter(hidden_sizes=[2], previous_value=True, table_size=0)
+    copy.load_state_dict(plugin.state_dict())
+    assert torch.equal(copy.previous[0], theta1)
+
+    theta = torch.rand(20_000) * 2 - 1
+    change = 0.01 * torch.randn(20_000)
+    direction = -change / 0.01 + 0.1 * torch.randn(20_000)  # the descent direction continues the last step
+    with_prev, loss_prev = fit_predictor(theta, direction, hidden_sizes=[16, 16], steps=300, seed=0,
+                                         prev=theta - change)
+    _, loss_value = fit_predictor(theta, direction, hidden_sizes=[16, 16], steps=300, seed=0)
+    assert loss_prev < 0.1 < 0.9 < loss_value, (loss_prev, loss_value)
+    assert with_prev.predict(theta[:5], previous=theta[:5] - change[:5]).shape == (5,)
+
+    plugin = GradientSignFilter(hidden_sizes=[8], previous_value=True, table_size=0, predictor_steps=50,
+                                distill_steps=50, distill_points=2000, coords_per_step=32)
+    model = nn.Linear(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SimpleNamespace(world_size=1)
+    for task in range(2):
+        plugin.on_task_start(trainer, model, task)
+        for _ in range(10):
+            opt.zero_grad()
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            plugin.on_before_optimizer_step(trainer, model, opt)
+            opt.step()
+        plugin.on_task_end(trainer, model, task)
+    assert plugin.tasks_learned == 2 and plugin.running.previous_value
+    assert "distill_loss" in plugin.fit_losses[1] and plugin.kept_fraction < 1.0
+
+
 def test_table_matches_the_predictor():
     h, _ = fit_predictor(torch.linspace(-1, 1, 2000), torch.sin(4 * torch.linspace(-1, 1, 2000)),
                          hidden_sizes=[16, 16], steps=50, seed=0)
@@ -194,6 +261,8 @@ def test_invalid_arguments_name_the_key():
         GradientSignFilter(table_size=1)
     with pytest.raises(ValueError, match="coords_per_step=0"):
         GradientSignFilter(coords_per_step=0)
+    with pytest.raises(ValueError, match="previous_value=True needs table_size=0"):
+        GradientSignFilter(previous_value=True)
 
 
 @pytest.mark.slow
