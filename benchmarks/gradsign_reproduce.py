@@ -66,10 +66,12 @@ def run(method: str, args: argparse.Namespace) -> dict:
     dm = PermutedMNIST(num_tasks=args.tasks, data_dir=args.data_dir, batch_size=64,
                        train_samples_per_task=args.train_samples)
     plugins = []
-    if method == "gradsign":
+    if method.startswith("gradsign"):
+        previous = method == "gradsign_previous"  # the previous value as a second input: no table
         plugins = [GradientSignFilter(hidden_sizes=args.predictor_hidden, predictor_steps=args.predictor_steps,
                                       distill_steps=args.predictor_steps, combine=args.combine,
-                                      distill_points=args.distill_points, seed=args.seed)]
+                                      distill_points=args.distill_points, seed=args.seed,
+                                      previous_value=previous, table_size=0 if previous else 4097)]
     model = ContinualModule(backbone=MLP(hidden_sizes=[256, 256, 256]), optimizer=args.optimizer, lr=args.lr,
                             plugins=plugins)
     curve = AccuracyCurve(dm, args.curve_every, args.curve_samples, args.steps)
@@ -150,21 +152,24 @@ def main() -> None:
                                                                               / "shared" / "data")))
     p.add_argument("--out", default="gradsign_curves.png")
     p.add_argument("--json", default=None, help="also write both runs' metrics here")
+    p.add_argument("--previous-value", action="store_true",
+                   help="also run the filter with the previous value as a predictor input")
     args = p.parse_args()
     if args.paper:
         args.steps, args.predictor_hidden, args.predictor_steps = 2000, [256, 256, 256], 1000
     torch.set_num_threads(args.threads)
     results = {"plain SGD" if args.optimizer == "sgd" else f"plain {args.optimizer}": run("plain", args),
                "gradient-sign filter": run("gradsign", args)}
+    if args.previous_value:
+        results["filter, previous value input"] = run("gradsign_previous", args)
     print(f"Permuted-MNIST, {args.tasks} tasks, MLP 784-256-256-256-10, {args.steps} it/task, batch 64, "
           f"{args.optimizer} lr {args.lr}; predictor hidden {args.predictor_hidden}")
     for name, m in results.items():
         show(name, m)
-    (plain, ours) = results.values()
     print("\n| | ACC | BWT | paper |")
     print("|---|---|---|---|")
-    print(f"| plain | {plain['ACC']:.3f} | {plain['BWT']:+.3f} | forgets |")
-    print(f"| gradient-sign filter | {ours['ACC']:.3f} | {ours['BWT']:+.3f} | {PAPER} |")
+    for k, (name, m) in enumerate(results.items()):
+        print(f"| {name} | {m['ACC']:.3f} | {m['BWT']:+.3f} | {'forgets' if k == 0 else PAPER} |")
     plot(results, args.out, args.steps)
     print(f"\nplot: {args.out}")
     if args.json:
