@@ -201,7 +201,9 @@ class GradientSignFilter(ContinualCallback):
             upos = choices[torch.randint(len(choices), (len(uniform),), generator=g)]
             pos = torch.cat([flat_pos[idx], upos])
         if self.previous_value:
-            before = torch.cat([t.reshape(-1).cpu() for t in self.previous]) if self.previous else flat
+            before = flat  # (the network's own previous values when they cover the same parameters)
+            if self.previous and sum(t.numel() for t in self.previous) == len(flat):
+                before = torch.cat([t.reshape(-1).cpu() for t in self.previous])
             change = pairs[:, 0] - pairs[:, -1]
             pick = torch.randint(len(change), (len(uniform),), generator=g)
             prev = torch.cat([before[idx], uniform - change[pick]])

@@ -37,8 +37,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        channels = x.shape[1]
-        local = x.new_tensor([x.numel() // channels]) if x.numel() else x.new_zeros(1)
+        local = x.new_tensor([x.numel() // x.shape[1]])                   # values per channel here
         summed = _AllReduceSum.apply(torch.cat([x.sum(dims), local]))      # [C + 1]: sums, count
         count = summed[-1]
         mean = summed[:-1] / count
