@@ -14,7 +14,7 @@ Training uses the project's modules (SupSup's masks and inference, the masked ne
 ``forward``/``forward_each``) driven by a plain loop, so one basis serves every |M| of the sweep.
 
     python benchmarks/supsup_reproduce.py   # defaults: --samples 12000 --epochs 3 --alpha-epochs 6
-    #                                         --sizes 1 2 4 8 16 32 --random-extra 64
+    #                                         --sizes 1 2 4 8 16 32 --random-extra 64 --new-tasks 3
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def run_benchmark(name: str, dm, args) -> dict:
     new = data[B:]
     wrong = accuracy(lambda a: net(a, [0]), new[0][2], new[0][3])
     t_supsup = time.perf_counter() - began
-    # ---------------------------------------------------------------- ImpressLearn sweep on task B
+    # ---------------------------------------------------------------- ImpressLearn sweep on the new tasks
     curves: dict[str, dict[int, float]] = {"heterogeneous": {}, "homogeneous": {}, "random": {}}
     for m in args.sizes:
         curves["heterogeneous"][m] = mean_alpha_accuracy(net, list(range(m)), new, args, seed=100 + m)
@@ -176,7 +176,7 @@ def main() -> None:
     p.add_argument("--gn-batch", type=int, default=128)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--random-extra", type=int, nargs="*", default=[64])
-    p.add_argument("--new-tasks", type=int, default=1, help="held-out tasks the alpha curves are averaged over")
+    p.add_argument("--new-tasks", type=int, default=3, help="held-out tasks the alpha curves are averaged over")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
