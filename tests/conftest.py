@@ -43,13 +43,17 @@ def run_tasks(model, datamodule, run_dir, seed: int = 0, resume: bool = False, *
     return ContinualRunner(model, datamodule, run_dir, trainer_kwargs=kwargs, seed=seed).run(resume=resume)
 
 
-def train_py(args: list[str], out: Path, mnist_root: Path) -> dict:
-    """``python train.py ARGS`` on 2 tasks of 512 MNIST images in batches of 64 (CPU, no logger); returns
-    the run's ``metrics.json``."""
-    env = {**os.environ, "CL_DATA_DIR": str(mnist_root), "PYTHONWARNINGS": "ignore"}
+def train_py(args: list[str], out: Path, mnist_root: Path | None = None) -> dict:
+    """``python train.py ARGS`` on CPU without logger or progress bar, writing to ``out``; returns the run's
+    ``metrics.json``. With ``mnist_root``: on 2 tasks of 512 MNIST images from there, in batches of 64."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("CL_LIGHTNING_RUN_DIR", None)
-    cmd = [sys.executable, "train.py", *args, "benchmark.num_tasks=2", "benchmark.train_samples_per_task=512",
-           "benchmark.batch_size=64", "benchmark.eval_batch_size=500", "logger=none", "trainer.accelerator=cpu",
+    mnist: list[str] = []
+    if mnist_root is not None:
+        env["CL_DATA_DIR"] = str(mnist_root)
+        mnist = ["benchmark.num_tasks=2", "benchmark.train_samples_per_task=512", "benchmark.batch_size=64",
+                 "benchmark.eval_batch_size=500"]
+    cmd = [sys.executable, "train.py", *args, *mnist, "logger=none", "trainer.accelerator=cpu",
            "trainer.enable_progress_bar=false", f"output_dir={out}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

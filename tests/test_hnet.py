@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -21,7 +17,7 @@ from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
 from cl_lightning.runner import ContinualRunner
 from cl_lightning.tasks import BenchmarkInfo, Scenario, Task
 from datamodules.poly_regression import PolynomialRegression
-from tests.conftest import REPO, run_tasks
+from tests.conftest import run_tasks, train_py
 
 STEPS = 200  # optimizer steps per task on the polynomial toy (one epoch of STEPS batches of 32)
 
@@ -420,7 +416,7 @@ def test_ddp_two_processes_match_one(tmp_path, batch_norm):
     running statistics, since batch norm normalises with the global batch's statistics. (The batch-norm run
     uses SGD and fewer steps: the target's biases before batch norm have an exact gradient of zero, and Adam
     would blow its float rounding up to steps of size lr, different in the two runs.)"""
-    args = ["method=hnet", "benchmark=poly_regression", "logger=none", "trainer.enable_progress_bar=false",
+    args = ["method=hnet", "benchmark=poly_regression",
             "method.target.hidden_sizes=[10,10]", f"method.target.batch_norm={str(batch_norm).lower()}",
             "method.hypernetwork.class_path=cl_lightning.nets.hypernetwork.HyperNetwork",
             "method.hypernetwork.hidden_sizes=[10,10]", "method.hypernetwork.embedding_dim=2", "method.lr=0.01",
@@ -429,17 +425,11 @@ def test_ddp_two_processes_match_one(tmp_path, batch_norm):
             "benchmark.num_tasks=2", "benchmark.train_samples=640", "benchmark.batch_size=32"]
     if batch_norm:
         args += ["method.optimizer=sgd", "method.lr=0.001", "benchmark.train_samples=256"]
-    env = {k: v for k, v in os.environ.items() if k != "CL_LIGHTNING_RUN_DIR"}
-    env["PYTHONPATH"] = str(REPO)
     results, stats = {}, {}
     for devices in (1, 2):
         out = tmp_path / f"d{devices}"
         extra = ["trainer.strategy=ddp", "trainer.devices=2"] if devices == 2 else []
-        proc = subprocess.run([sys.executable, str(Path(REPO) / "train.py"), *args, *extra,
-                               "trainer.accelerator=cpu", f"output_dir={out}"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[devices] = json.loads((out / "metrics.json").read_text())["R"]
+        results[devices] = train_py([*args, *extra], out)["R"]
         state = torch.load(out / "checkpoints" / "after_task_1.ckpt", weights_only=False)["state_dict"]
         stats[devices] = {k: v for k, v in state.items() if k.startswith("task_stats__")}
     np.testing.assert_allclose(results[2], results[1], rtol=1e-3, atol=1e-4)
