@@ -58,14 +58,14 @@ def run_ours(dm, args) -> tuple[list[float], list[float], float]:
     reg = OutputRegularizer(beta=args.beta, form=args.form)
     model = HNET(target=MLP(hidden_sizes=(400, 400)),
                  hypernetwork=ChunkedHyperNetwork(hidden_sizes=(10, 10), embedding_dim=96, chunk_size=42000,
-                                                  chunk_embedding_dim=96), plugins=[reg])
+                                                  chunk_embedding_dim=96), lr=args.lr, plugins=[reg])
     model.setup_tasks(dm.info)
     ms, began = [], time.perf_counter()
     for t in range(dm.num_tasks):
         model.current_task = t
         model.setup("fit")
         reg.on_task_start(None, model, t)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        opt = model.configure_optimizers()  # the optimizer train.py uses (Adam, fused kernel where torch has one)
         model.train()
         start = time.perf_counter()
         for x, y in batches(dm, t, args.steps, args.batch, args.seed):
@@ -94,7 +94,8 @@ def run_hypnettorch(dm, args) -> tuple[list[float], list[float], float]:
     ms, began = [], time.perf_counter()
     for t in range(T):
         targets = get_current_targets(t, hnet) if t > 0 else None
-        opt = torch.optim.Adam(list(hnet.unconditional_params) + [hnet.conditional_params[t]], lr=args.lr)
+        opt = torch.optim.Adam(list(hnet.unconditional_params) + [hnet.conditional_params[t]], lr=args.lr,
+                               fused=args.fused_hypnettorch)
         start = time.perf_counter()
         for x, y in batches(dm, t, args.steps, args.batch, args.seed):
             weights = hnet.forward(cond_id=t)
@@ -124,6 +125,8 @@ def main() -> None:
     parser.add_argument("--form", choices=["auto", "algebraic", "direct", "both"], default="auto",
                         help="our output regularizer's form (both: ours twice, algebraic and direct)")
     parser.add_argument("--no-hypnettorch", action="store_true", help="ours only")
+    parser.add_argument("--fused-hypnettorch", action="store_true",
+                        help="give hypnettorch torch's fused Adam too (its own scripts use the default Adam)")
     parser.add_argument("--warmup", type=int, default=20,
                         help="untimed steps per task of every implementation first (else the first one pays "
                              "for the process' warm-up)")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from callbacks.mask_basis import MaskBasisFreezing
 from cl_lightning.callback import ContinualCallback
-from cl_lightning.methods.base import OPTIMIZERS
+from cl_lightning.methods.base import make_optimizer
 from cl_lightning.methods.supsup import INFERENCE_MODES, SupermaskModule, mean_entropy
 from cl_lightning.nets.masked import MaskedNet
 from cl_lightning.tasks import BenchmarkInfo, Scenario
@@ -158,7 +158,7 @@ class ImpressLearn(SupermaskModule):
         kwargs = {"lr": self.alpha_lr, "weight_decay": self.weight_decay}
         if self.optimizer_name == "sgd":
             kwargs["momentum"] = self.momentum
-        return OPTIMIZERS[self.optimizer_name](params, **kwargs)
+        return make_optimizer(self.optimizer_name, params, **kwargs)
 
     # ------------------------------------------------------------------ training
     def alpha_penalty(self, alpha: Tensor) -> Tensor:
