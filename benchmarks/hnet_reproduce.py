@@ -62,6 +62,7 @@ def report(key: str, metrics: dict, model, overrides: list[str]) -> None:
 def cmd_mnist(key: str, args: argparse.Namespace) -> None:
     name = EXPERIMENT[key] + ("_small" if args.small and key.startswith("pmnist") else "")
     overrides = [f"trainer.max_steps={args.steps}"] if args.steps else []
+    overrides += args.overrides
     if args.train_samples:
         overrides.append(f"benchmark.train_samples_per_task={args.train_samples}")
     EXPERIMENT[key] = name
@@ -174,6 +175,8 @@ def main() -> None:
     parser.add_argument("--form", choices=["auto", "algebraic", "direct"], default="auto",
                         help="regcost: the output regularizer's form")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*",
+                        help="MNIST runs: further config overrides, e.g. method.hypernetwork.init_args.init=pytorch")
     args = parser.parse_args()
     if args.what == "poly":
         cmd_poly(args)

@@ -76,6 +76,36 @@ def test_chunked_hypernetwork_is_compressive():
     assert full.compression_ratio() > 1.0  # a full hypernetwork never compresses
 
 
+def test_last_layer_is_held_transposed_and_old_checkpoints_load():
+    """The hypernetwork's wide last layer is one contiguous ``[in, out]`` parameter (the fused optimizer's fast
+    path), ``weight`` is its ``[out, in]`` view, and a state dict in ``nn.Linear``'s layout still loads."""
+    hn = ChunkedHyperNetwork(hidden_sizes=(8,), embedding_dim=3, chunk_size=17, chunk_embedding_dim=2)
+    hn.set_target_shapes([("w", (5, 7)), ("b", (5,))])
+    assert hn.out.weight_t.shape == (8, 17) and hn.out.weight_t.is_contiguous()
+    assert hn.out.weight.shape == (17, 8) and hn.out.weight.data_ptr() == hn.out.weight_t.data_ptr()
+    legacy = {k: v.clone() for k, v in hn.state_dict().items() if k != "out.weight_t"}
+    legacy["out.weight"] = torch.randn(17, 8)
+    other = ChunkedHyperNetwork(hidden_sizes=(8,), embedding_dim=3, chunk_size=17, chunk_embedding_dim=2)
+    other.set_target_shapes([("w", (5, 7)), ("b", (5,))])
+    other.load_state_dict(legacy)
+    assert torch.equal(other.out.weight, legacy["out.weight"]) and other.out.weight_t.is_contiguous()
+    e = torch.randn(2, 3)
+    expected = torch.nn.functional.linear(other.last_hidden(e), legacy["out.weight"], other.out.bias)
+    torch.testing.assert_close(other(e), (expected.flatten(1)[:, :40] * other.out_scale))
+
+
+def test_pytorch_init_generates_the_raw_outputs():
+    """``init="pytorch"`` (the paper's code): no output scale or offset, layers at PyTorch's defaults."""
+    hn = HyperNetwork(hidden_sizes=(8,), embedding_dim=3, init="pytorch")
+    hn.set_target_shapes([("w", (5, 7)), ("bn.weight", (5,))])
+    assert torch.equal(hn.out_scale, torch.ones(40)) and not hn.has_offset
+    e = torch.randn(2, 3)
+    torch.testing.assert_close(hn(e), hn.out(hn.last_hidden(e)).flatten(1))
+    assert hn.out.bias.abs().max() > 0  # PyTorch's default bias init, not zeros
+    with pytest.raises(ValueError, match="init='xavier'"):
+        HyperNetwork(init="xavier")
+
+
 def test_embeddings_freeze_per_task_and_optimizer_sees_only_current():
     m = poly_hnet(0.01)
     m.setup_tasks(info(3, shape=(1,)))
@@ -156,7 +186,7 @@ def test_lookahead_and_random_subset():
     expected = 0.1 / 2 * (0.1**2) * 2 * m.hypernetwork.num_target_weights
     assert plain.item() == pytest.approx(expected, rel=1e-4)
     assert torch.isfinite(ahead) and ahead.item() != pytest.approx(plain.item(), rel=1e-6)
-    ahead_grad = torch.autograd.grad(ahead, m.hypernetwork.out.weight)[0]
+    ahead_grad = torch.autograd.grad(ahead, m.hypernetwork.out.weight_t)[0]
     assert torch.isfinite(ahead_grad).all() and ahead_grad.abs().sum() > 0
 
 
@@ -169,8 +199,9 @@ def _reg_hnet(kind: str, dtype: torch.dtype = torch.float32, **reg) -> tuple[HNE
         hnet, target = HyperNetwork(hidden_sizes=(8,), embedding_dim=3), MLP(hidden_sizes=(6,))
     elif kind == "linear":  # no hidden layer: the last layer reads the (frozen) embeddings themselves
         hnet, target = HyperNetwork(hidden_sizes=(), embedding_dim=5), MLP(hidden_sizes=(6,))
-    else:
-        hnet = ChunkedHyperNetwork(hidden_sizes=(8, 7), embedding_dim=3, chunk_size=17, chunk_embedding_dim=2)
+    else:  # "chunked", or "chunked_pytorch": the paper code's initialisation (no output scale or offset)
+        hnet = ChunkedHyperNetwork(hidden_sizes=(8, 7), embedding_dim=3, chunk_size=17, chunk_embedding_dim=2,
+                                   init="pytorch" if kind.endswith("pytorch") else "scaled")
         target = MLP(hidden_sizes=(6, 5), batch_norm=True)
     reg.setdefault("form", "algebraic")
     m = HNET(target=target, hypernetwork=hnet, lr=0.05, plugins=[OutputRegularizer(beta=0.5, **reg)])
@@ -211,7 +242,7 @@ def _drift(m: HNET, noise: float) -> None:
             p.add_(noise * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("kind", ["full", "chunked", "linear"])
+@pytest.mark.parametrize("kind", ["full", "chunked", "linear", "chunked_pytorch"])
 @pytest.mark.parametrize("lookahead", [False, True])
 @pytest.mark.parametrize("subset", [None, 2])
 def test_algebraic_penalty_equals_direct(kind, lookahead, subset):

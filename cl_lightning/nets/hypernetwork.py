@@ -11,8 +11,9 @@ one (wider) forward instead of a Python loop over tasks.
   a large chunk the hypernetwork has fewer trainable weights than its target (the compressive regime).
 
 The target is known only once the benchmark is: :meth:`HyperNetwork.set_target_shapes` builds the
-layers (like ``MLP.set_input_size``). Generated weights are ``offset + scale * raw`` with fixed,
-per-tensor ``scale`` = 1/sqrt(fan-in) (and ``offset`` 1 for batch-norm gains), so that an embedding
+layers (like ``MLP.set_input_size``). By default (``init="scaled"``) generated weights are
+``offset + scale * raw`` with fixed, per-tensor ``scale`` = 1/sqrt(fan-in) (and ``offset`` 1 for batch-norm
+gains), so that an embedding
 and a hypernetwork at their standard initialisation produce a target at its usual initialisation scale
 (the spirit of Chang et al. 2020's principled hypernetwork initialisation).
 
@@ -22,11 +23,12 @@ over the past tasks' last hidden activations, without generating their weights (
 with the number of tasks), given a snapshot from when the targets were taken
 (:meth:`HyperNetwork.output_reference`).
 
-The last layer's weight ``[K, H]`` is stored transposed (strides ``(1, K)``; the values and shape of a plain
-``nn.Linear``, so checkpoints load either way): the products over its long dimension ``K`` (generating,
-the weight gradient ``z^T dY``, the output penalty and its gradient) then run over contiguous rows of
-``W^T``, and the gradients of all of them come out in the parameter's own layout. On a CPU such skinny
-products cost several times more the other way round.
+The last layer is a :class:`TransposedLinear`: its weight ``[K, H]`` is held as the contiguous parameter
+``weight_t`` ``[H, K]`` (``weight`` is the usual view; checkpoints in ``nn.Linear``'s layout load). The products
+over its long dimension ``K`` (generating, the weight gradient ``z^T dY``, the output penalty and its gradient)
+then run over contiguous rows of ``W^T``, and the fused optimizer updates one contiguous tensor; on a CPU both
+cost several times more the other way round. ``init="pytorch"`` drops the fixed output scale and offset and
+keeps PyTorch's default initialisation, as the paper's code did.
 """
 
 from __future__ import annotations
@@ -67,6 +69,38 @@ def output_affine(shapes: TargetShapes) -> tuple[Tensor, Tensor]:
     return torch.cat(offsets), torch.cat(scales)
 
 
+class TransposedLinear(nn.Module):
+    """A linear layer that holds its weight transposed, as a contiguous ``weight_t`` ``[in, out]``.
+
+    Why: the hypernetwork's last layer is very wide (``out`` = the chunk size) and narrow (``in`` = the last
+    hidden width). Its products over ``out`` (generating, the weight gradient ``z^T dY``, the output penalty
+    and its gradient) run over contiguous rows of ``W^T``, and a fused optimizer updates one contiguous
+    parameter (on a CPU both cost several times more the other way round). ``weight`` is the usual
+    ``[out, in]`` view; a state dict with a plain ``weight`` (``nn.Linear``'s layout) loads too.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        plain = nn.Linear(in_features, out_features)  # its default initialisation (and random draws)
+        self.weight_t = nn.Parameter(plain.weight.detach().T.contiguous())
+        self.bias = nn.Parameter(plain.bias.detach())
+
+    @property
+    def weight(self) -> Tensor:
+        """``[out, in]``: a view of ``weight_t``."""
+        return self.weight_t.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        plain = prefix + "weight"
+        if plain in state_dict and prefix + "weight_t" not in state_dict:
+            state_dict[prefix + "weight_t"] = state_dict.pop(plain).T.contiguous()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class HyperNetwork(nn.Module):
     """Full hypernetwork: ``embedding -> hidden_sizes -> N`` target weights in one MLP.
 
@@ -74,11 +108,20 @@ class HyperNetwork(nn.Module):
         hidden_sizes: widths of the hidden layers (empty: one linear map).
         activation: hidden activation (``relu``, ``elu``, ``tanh``, ...).
         embedding_dim: size of the task embeddings it reads (the method creates them).
+        init: ``scaled`` (ours): generated weights are ``offset + scale * raw`` with the fixed per-tensor scale
+            of the module docstring and raw outputs of unit variance, so the target starts at its usual
+            initialisation scale; ``pytorch``: the layers at PyTorch's default initialisation and the raw
+            outputs used as weights, as in the paper's code (von Oswald et al. 2020, before hyperfan init).
     """
 
+    INITS = ("scaled", "pytorch")
+
     def __init__(self, hidden_sizes: Sequence[int] = (100, 100), activation: str = "relu",
-                 embedding_dim: int = 32):
+                 embedding_dim: int = 32, init: str = "scaled"):
         super().__init__()
+        if init not in self.INITS:
+            raise ValueError(f"init={init!r} is not one of {list(self.INITS)}")
+        self.init = init
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
         if any(h < 1 for h in hidden_sizes):
@@ -103,26 +146,30 @@ class HyperNetwork(nn.Module):
         self.target_shapes = shapes
         self.num_outputs = sum(math.prod(s) for _, s in shapes)
         offset, scale = output_affine(shapes)
+        if self.init == "pytorch":
+            offset, scale = torch.zeros_like(offset), torch.ones_like(scale)
         self.register_buffer("out_offset", offset, persistent=False)
         self.register_buffer("out_scale", scale, persistent=False)
         self.has_offset = bool(offset.any())
         self._build()
 
-    def _mlp(self, in_features: int, out_features: int) -> tuple[nn.ModuleList, nn.Linear]:
+    def _mlp(self, in_features: int, out_features: int) -> tuple[nn.ModuleList, TransposedLinear]:
         hidden = nn.ModuleList()
         width = in_features
         for h in self.hidden_sizes:
             layer = nn.Linear(width, h)
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
+            if self.init == "scaled":
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
             hidden.append(layer)
             width = h
-        out = nn.Linear(width, out_features)
+        out = TransposedLinear(width, out_features)
+        if self.init == "pytorch":
+            return hidden, out
         # raw outputs of about unit variance: the fixed output scale then sets the target's init scale
-        nn.init.normal_(out.weight, std=1.0 / math.sqrt(width))
-        nn.init.zeros_(out.bias)
-        # the same values, stored transposed (strides (1, K)): see the module docstring
-        out.weight = nn.Parameter(out.weight.detach().T.contiguous().T)
+        with torch.no_grad():
+            out.weight.copy_(torch.empty(out_features, width).normal_(std=1.0 / math.sqrt(width)))
+            out.bias.zero_()
         return hidden, out
 
     def _build(self) -> None:
@@ -288,7 +335,7 @@ class HyperNetwork(nn.Module):
         everything = rows is None or torch.equal(rows.cpu(), torch.arange(len(reference.z0)))
         ref = reference if everything else reference.rows(rows)
         z = self.last_hidden(embeddings, params)                          # [n, C, H]
-        return _OutputPenalty.apply(z, self._param(params, "out.weight"), self._param(params, "out.bias"), ref)
+        return _OutputPenalty.apply(z, self._param(params, "out.weight_t").T, self._param(params, "out.bias"), ref)
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -318,11 +365,13 @@ class ChunkedHyperNetwork(HyperNetwork):
         embedding_dim: size of the task embeddings.
         chunk_size: outputs per chunk; ``ceil(N / chunk_size)`` chunks cover the target.
         chunk_embedding_dim: size of the learned chunk embeddings.
+        init: as for :class:`HyperNetwork`.
     """
 
     def __init__(self, hidden_sizes: Sequence[int] = (100, 100), activation: str = "relu",
-                 embedding_dim: int = 32, chunk_size: int = 4000, chunk_embedding_dim: int = 32):
-        super().__init__(hidden_sizes=hidden_sizes, activation=activation, embedding_dim=embedding_dim)
+                 embedding_dim: int = 32, chunk_size: int = 4000, chunk_embedding_dim: int = 32,
+                 init: str = "scaled"):
+        super().__init__(hidden_sizes=hidden_sizes, activation=activation, embedding_dim=embedding_dim, init=init)
         if not hidden_sizes:
             raise ValueError("hidden_sizes=[] : a chunked hypernetwork needs at least one hidden layer")
         if chunk_size < 1 or chunk_embedding_dim < 1:
