@@ -13,9 +13,8 @@ one (wider) forward instead of a Python loop over tasks.
 The target is known only once the benchmark is: :meth:`HyperNetwork.set_target_shapes` builds the
 layers (like ``MLP.set_input_size``). By default (``init="scaled"``) generated weights are
 ``offset + scale * raw`` with fixed, per-tensor ``scale`` = 1/sqrt(fan-in) (and ``offset`` 1 for batch-norm
-gains), so that an embedding
-and a hypernetwork at their standard initialisation produce a target at its usual initialisation scale
-(the spirit of Chang et al. 2020's principled hypernetwork initialisation).
+gains), so that an embedding and a hypernetwork at their standard initialisation produce a target at its usual
+initialisation scale (the spirit of Chang et al. 2020's principled hypernetwork initialisation).
 
 The last layer is linear, which the output regularizer exploits: :meth:`HyperNetwork.output_penalty`
 computes ``sum_t ||h(e_t) - target_t||^2`` exactly from Gram matrices of the last layer and small sums
@@ -94,7 +93,7 @@ class TransposedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         plain = prefix + "weight"
         if plain in state_dict and prefix + "weight_t" not in state_dict:
             state_dict[prefix + "weight_t"] = state_dict.pop(plain).T.contiguous()
