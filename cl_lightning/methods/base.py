@@ -209,8 +209,12 @@ class ContinualModule(L.LightningModule):
         self.scores.reset()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_for(self.lr)
+
+    def optimizer_for(self, lr: float) -> torch.optim.Optimizer:
+        """The configured optimizer (name, momentum, weight decay) over the trainable parameters at ``lr``."""
         params = [p for p in self.parameters() if p.requires_grad]
-        kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
+        kwargs: dict[str, Any] = {"lr": lr, "weight_decay": self.weight_decay}
         if self.optimizer_name == "sgd":
             kwargs["momentum"] = self.momentum
         return make_optimizer(self.optimizer_name, params, **kwargs)

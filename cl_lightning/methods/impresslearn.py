@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from callbacks.mask_basis import MaskBasisFreezing
 from cl_lightning.callback import ContinualCallback
-from cl_lightning.methods.base import make_optimizer
 from cl_lightning.methods.supsup import INFERENCE_MODES, SupermaskModule, mean_entropy
 from cl_lightning.nets.masked import MaskedNet
 from cl_lightning.tasks import BenchmarkInfo, Scenario
@@ -154,11 +153,7 @@ class ImpressLearn(SupermaskModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if not self.is_alpha_task(self.current_task):
             return super().configure_optimizers()
-        params = [p for p in self.parameters() if p.requires_grad]
-        kwargs = {"lr": self.alpha_lr, "weight_decay": self.weight_decay}
-        if self.optimizer_name == "sgd":
-            kwargs["momentum"] = self.momentum
-        return make_optimizer(self.optimizer_name, params, **kwargs)
+        return self.optimizer_for(self.alpha_lr)
 
     # ------------------------------------------------------------------ training
     def alpha_penalty(self, alpha: Tensor) -> Tensor:
