@@ -12,20 +12,28 @@ of objects can be indexed by class name: ``method.plugins.EWC.strength=100``.
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import difflib
 import importlib
 import inspect
+import logging
 import os
+import types
+import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import yaml
 from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(os.environ.get("CL_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
 GROUPS = ("benchmark", "method", "trainer", "logger")
-TOP_LEVEL_KEYS = (*GROUPS, "experiment", "seed", "data_dir", "output_dir", "resume", "name")
+TOP_LEVEL_KEYS = (*GROUPS, "experiment", "seed", "data_dir", "output_dir", "resume", "name", "checkpoints")
+#: Trainer arguments the runner sets itself; configuring them is an error.
+RUNNER_OWNED_TRAINER_KEYS = ("callbacks", "logger", "default_root_dir", "use_distributed_sampler",
+                             "enable_checkpointing", "num_sanity_val_steps")
 
 
 class ConfigError(ValueError):
@@ -239,10 +247,115 @@ def validate_node(node: Any, where: str) -> None:
         raise ConfigError(f"{where}: unexpected key {sorted(extra)[0]!r} next to class_path (use init_args)")
     cls = import_class(node["class_path"], where)
     keys, open_ended = signature_keys(cls)
-    for key, value in (node.get("init_args") or {}).items():
+    hints = init_type_hints(cls)
+    args = node.get("init_args") or {}
+    for key, value in args.items():
         if key not in keys and not open_ended:
             raise ConfigError(f"unknown key {where}.{key} for {cls.__name__}: {nearest(key, keys)}")
+        if key in hints:
+            args[key] = check_type(value, hints[key], f"{where}.{key}")
         validate_node(value, f"{where}.{key}")
+
+
+def init_type_hints(cls: type) -> dict[str, Any]:
+    """The annotated types of ``cls.__init__``'s arguments, through its bases (unresolvable ones left out)."""
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and klass is not object:
+            with contextlib.suppress(Exception):
+                hints.update(typing.get_type_hints(klass.__init__))
+    hints.pop("return", None)
+    return hints
+
+
+def type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether a config value fits an annotation; lenient where the annotation says little."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is inspect.Parameter.empty or isinstance(hint, (str, typing.TypeVar)):
+        return True
+    if origin in (Union, types.UnionType):
+        return any(matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if isinstance(value, dict) and "class_path" in value:
+        return True  # an object node: validated as a node of its own
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set, collections.abc.Sequence, collections.abc.Iterable):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(matches(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(matches(v, args[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    if origin is None and isinstance(hint, type) and hint.__module__ != "builtins":
+        return isinstance(value, hint)  # e.g. an nn.Module argument given a plain value
+    return True
+
+
+def check_type(value: Any, hint: Any, where: str) -> Any:
+    """``value`` if it fits ``hint`` (a number YAML read as text, like ``1e-3``, becomes a float); else a
+    ConfigError naming the key, the value and the expected type."""
+    if isinstance(value, str) and matches(1.0, hint) and not matches(value, hint):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if not matches(value, hint):
+        raise ConfigError(f"{where}={value!r} must be {type_name(hint)}")
+    return value
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Silences Lightning's info lines (GPU/TPU available, ...) while a trainer is only being checked."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def validate_trainer(trainer: dict[str, Any]) -> None:
+    """Names, types and values of the Trainer arguments, checked by building a Trainer with them (nothing
+    runs): a bad device count or a missing accelerator fails here, before the run folder exists."""
+    import lightning as L
+
+    keys, _ = signature_keys(L.Trainer)
+    hints = init_type_hints(L.Trainer)
+    for key, value in trainer.items():
+        if key in RUNNER_OWNED_TRAINER_KEYS:
+            raise ConfigError(f"trainer.{key} is set by the runner and cannot be configured "
+                              "(loggers: logger=wandb|csv|none; plugins: the method's plugins)")
+        if key not in keys:
+            raise ConfigError(f"unknown key trainer.{key} for lightning.Trainer: {nearest(key, keys)}")
+        if key in hints:
+            trainer[key] = check_type(value, hints[key], f"trainer.{key}")
+    try:
+        with quiet_lightning():
+            L.Trainer(**{"enable_progress_bar": False, "enable_model_summary": False, **trainer}, logger=False,
+                      enable_checkpointing=False)
+    except Exception as err:  # Lightning's own message names the bad value
+        raise ConfigError(f"trainer: {' '.join(str(err).split())}") from None
 
 
 def validate(cfg: dict[str, Any]) -> None:
@@ -252,18 +365,19 @@ def validate(cfg: dict[str, Any]) -> None:
         validate_node(cfg[group], group)
     if cfg.get("logger") is not None:
         validate_node(cfg["logger"], "logger")
-    import lightning as L
-
     trainer = cfg.get("trainer") or {}
     if not isinstance(trainer, dict):
         raise ConfigError(f"trainer must be a mapping of Trainer arguments (got {trainer!r})")
-    keys, _ = signature_keys(L.Trainer)
-    for key in trainer:
-        if key not in keys:
-            raise ConfigError(f"unknown key trainer.{key} for lightning.Trainer: {nearest(key, keys)}")
+    validate_trainer(trainer)
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed={seed!r} must be a non-negative integer")
+    keep = (cfg.get("checkpoints") or {}).get("keep", "all")
+    if keep not in ("all", "last"):
+        raise ConfigError(f"checkpoints.keep={keep!r} must be 'all' or 'last'")
+    output_dir = cfg.get("output_dir")
+    if output_dir is not None and Path(str(output_dir)).exists() and not Path(str(output_dir)).is_dir():
+        raise ConfigError(f"output_dir={output_dir} is a file, not a folder")
 
 
 # ---------------------------------------------------------------------------------------- instantiate

@@ -8,10 +8,12 @@ run folder to the children through ``CL_LIGHTNING_RUN_DIR`` so that all ranks sh
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,25 +26,72 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from cl_lightning.config import ConfigError, compose, instantiate
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.runner import ContinualRunner
-from datamodules.base import ContinualDataModule
+from datamodules.base import ContinualDataModule, DataError
 
 RUN_DIR_ENV = "CL_LIGHTNING_RUN_DIR"
 
 
+#: Keys a resume may change: where the data lies, how the run is logged and shown, how many devices share
+#: the work (a DDP run equals the one-process run) and which checkpoints are kept. Any other key changes what
+#: the saved checkpoints mean, so a resume that changes it is refused.
+RESUME_MAY_CHANGE = ("data_dir", "benchmark.data_dir", "logger", "name", "checkpoints",
+                     "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
+                     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
+
+
 def resolve_config(overrides: Sequence[str]) -> dict[str, Any]:
-    """The composed config; with ``resume=<dir>``, the run's saved config plus any further overrides."""
-    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
-    if not resume or resume == "null":
+    """The composed config; with ``resume=<dir>``, the run's saved config plus the overrides a resume allows."""
+    resume = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip().lstrip("+") == "resume"]
+    if not resume or resume[-1] == "null":
         return compose(overrides)
-    saved = Path(resume) / "config.yaml"
+    folder = resume[-1]
+    if not folder:
+        raise ConfigError("resume= needs the folder of the run to continue (resume=outputs/<benchmark>/<method>/...)")
+    saved = Path(folder) / "config.yaml"
     if not saved.is_file():
-        raise ConfigError(f"resume={resume}: this folder holds no run (no config.yaml); "
-                          "pass the folder of a run started by train.py")
-    rest = [o for o in overrides if not o.startswith("resume=")]
-    cfg = compose(rest, base=yaml.safe_load(saved.read_text()))
-    cfg["resume"] = resume
-    cfg["output_dir"] = resume
+        raise ConfigError(f"resume={folder}: this folder holds no run (no config.yaml); "
+                          "pass the folder of a run started by train.py or cl-lightning")
+    base = yaml.safe_load(saved.read_text())
+    rest = [o for o in overrides if o.split("=", 1)[0].strip().lstrip("+") != "resume"]
+    given_dir = next((o.split("=", 1)[1] for o in rest if o.split("=", 1)[0].strip() == "output_dir"), None)
+    if given_dir not in (None, "", "null") and Path(given_dir).resolve() != Path(folder).resolve():
+        raise ConfigError(f"output_dir={given_dir}: a resume continues in its own folder ({folder})")
+    cfg = compose([o for o in rest if o.split("=", 1)[0].strip() != "output_dir"], base=copy.deepcopy(base))
+    check_resume_changes(base, cfg, folder)
+    cfg["resume"] = folder
+    cfg["output_dir"] = folder
     return cfg
+
+
+def config_leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf of a config as (path, value), in override syntax: ``init_args`` skipped, list entries named
+    by class (``method.plugins.EWC.strength``) or by index."""
+    if isinstance(tree, dict) and tree:
+        items = [(k, v) for k, v in tree.items() if k != "init_args"] + list((tree.get("init_args") or {}).items())
+    elif isinstance(tree, list) and tree:
+        names = [str(v.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(v, dict) else "" for v in tree]
+        items = [(n if n and names.count(n) == 1 else str(i), v) for i, (n, v) in enumerate(zip(names, tree,
+                                                                                               strict=True))]
+    else:
+        return [(prefix, tree)]
+    return [leaf for key, value in items for leaf in config_leaves(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def check_resume_changes(saved: dict[str, Any], cfg: dict[str, Any], folder: str) -> None:
+    """Refuses a resume whose config differs from the saved one in a key that defines the run."""
+    for group in ("method", "benchmark"):
+        if saved.get(f"{group}_name") != cfg.get(f"{group}_name"):
+            raise ConfigError(f"resume={folder}: {group}={cfg.get(f'{group}_name')} differs from the run's "
+                              f"{group}={saved.get(f'{group}_name')}; a resumed run keeps its {group} "
+                              "(start a new run for another one)")
+    old, new = dict(config_leaves(saved)), dict(config_leaves(cfg))
+    for path in sorted(old.keys() | new.keys()):
+        if path in ("resume", "output_dir") or any(path == k or path.startswith(k + ".") for k in RESUME_MAY_CHANGE):
+            continue
+        if old.get(path) != new.get(path):
+            raise ConfigError(f"resume={folder}: {path}={new.get(path)!r} differs from the saved "
+                              f"{path}={old.get(path)!r}; it would change what the run's checkpoints mean. "
+                              "A resume may change only: " + ", ".join(RESUME_MAY_CHANGE))
 
 
 def prepare_run_dir(cfg: dict[str, Any]) -> Path:
@@ -55,6 +104,8 @@ def prepare_run_dir(cfg: dict[str, Any]) -> Path:
     else:
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         run_dir = Path(cfg.get("output_dir") or Path("outputs") / cfg["benchmark_name"] / cfg["method_name"] / stamp)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"output_dir={run_dir} is a file, not a folder")
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"output_dir={run_dir} already holds files; continue that run with "
                               f"resume={run_dir} or choose another output_dir")
@@ -132,8 +183,16 @@ def run(overrides: Sequence[str]) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg)
     loggers = make_loggers(cfg.get("logger"), run_dir, cfg.get("name"))
     runner = ContinualRunner(model, datamodule, run_dir, trainer_kwargs=cfg.get("trainer"), loggers=loggers,
-                             seed=cfg["seed"], method_name=cfg.get("method_name"), config=cfg)
-    metrics = runner.run(resume=bool(cfg.get("resume")))
+                             seed=cfg["seed"], method_name=cfg.get("method_name"), config=cfg,
+                             keep_checkpoints=(cfg.get("checkpoints") or {}).get("keep", "all"))
+    try:
+        metrics = runner.run(resume=bool(cfg.get("resume")))
+    except RunInterrupted as stop:
+        if runner.is_global_zero:
+            done = len(runner.record.rows)
+            print(f"\n{stop} after {done} of {datamodule.info.num_tasks} tasks; nothing finished is lost. "
+                  f"Continue with:\n  python train.py resume={run_dir}", file=sys.stderr)
+        raise
     if runner.is_global_zero:
         print(f"\nRun folder: {run_dir}\nACC {metrics['ACC']:.4f}  BWT {metrics['BWT']}  "
               f"FWT {metrics['FWT']}  forgetting {metrics['forgetting']}")
@@ -143,13 +202,26 @@ def run(overrides: Sequence[str]) -> dict[str, Any]:
     return metrics
 
 
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM (a cluster's pre-emption): the run stops where it is, resumable from its checkpoints
+    (every checkpoint is written atomically, so any instant is safe)."""
+
+
+def raise_interrupted(signum: int, frame: Any) -> None:
+    raise RunInterrupted(f"Stopped by {signal.Signals(signum).name}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, raise_interrupted)
     try:
         run(list(sys.argv[1:] if argv is None else argv))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted:
+        return 130
     return 0

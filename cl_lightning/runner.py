@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import random
 import shutil
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
+from cl_lightning.config import RUNNER_OWNED_TRAINER_KEYS
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.metrics import adaptation_rate_integral, summarize
 from cl_lightning.outputs import log_final, log_task_row, write_run_files
@@ -46,14 +50,36 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*exists and is not empty.*")
 warnings.filterwarnings("ignore", ".*Total length of `list` across ranks is zero.*")  # no validation split
 
-#: Trainer arguments the runner sets itself; configuring them is an error.
-RUNNER_OWNED_TRAINER_KEYS = ("callbacks", "logger", "default_root_dir", "use_distributed_sampler",
-                             "enable_checkpointing", "num_sanity_val_steps")
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states (torch, CUDA, numpy, Python), in types ``torch.load(weights_only=True)`` reads."""
+    np_state = np.random.get_state(legacy=False)
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                      "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                      "gauss": float(np_state["gauss"])},
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 class RunRecord(L.Callback):
     """The runner's own state (rows of R, the untrained baseline, steps so far), kept in checkpoints so
-    that the checkpoint written at a task boundary is the single point a resume starts from."""
+    that the checkpoint written at a task boundary is the single point a resume starts from.
+
+    Inside a task it also carries the global random states: a run resumed from an epoch-end checkpoint
+    continues with the random numbers (dropout, sampled subsets, candidates) the uninterrupted run drew.
+    """
 
     def __init__(self) -> None:
         self.baseline: list[float] | None = None
@@ -72,7 +98,8 @@ class RunRecord(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "rows": self.rows, "steps": self.steps,
-                "train_seconds": self.train_seconds, "ari": self.ari, "trajectory": self._counts().cpu()}
+                "train_seconds": self.train_seconds, "ari": self.ari, "trajectory": self._counts().cpu(),
+                "rng": rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baseline = state_dict["baseline"]
@@ -83,6 +110,8 @@ class RunRecord(L.Callback):
         counts = state_dict.get("trajectory", torch.zeros(0, 2))
         self.trajectory = list(counts[:, 0].unbind(0))
         self.trajectory_samples = [int(n) for n in counts[:, 1].tolist()]
+        if "rng" in state_dict:
+            set_rng_states(state_dict["rng"])
 
     # ------------------------------------------------------------------ the training trajectory (ARI)
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -112,6 +141,46 @@ class RunRecord(L.Callback):
         return ari
 
 
+class TaskCheckpoint(ModelCheckpoint):
+    """Lightning's checkpoint inside a task: one file, overwritten at every epoch end but the task's last.
+
+    A checkpoint written when the fit has nothing left to train would make Lightning skip the whole loop on
+    restore, and with it ``on_train_end``: every plugin's end-of-task work (Fisher, consolidation, basis
+    freeze) would be lost for a run killed between that epoch end and the task's boundary checkpoint. So the
+    last epoch is not saved: such a run retrains it from the previous epoch's checkpoint (or the task from
+    the previous boundary) and reaches the end of the task for real.
+    """
+
+    def __init__(self, dirpath: Path):
+        super().__init__(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False,
+                         save_on_train_epoch_end=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not fit_will_end(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+
+def fit_will_end(trainer: L.Trainer) -> bool:
+    """Whether the epoch ending now is the fit's last (epoch or step budget reached, or a stop requested)."""
+    loop = trainer.fit_loop
+    epochs = loop.max_epochs
+    if epochs is not None and epochs >= 0 and loop.epoch_progress.current.processed >= epochs:
+        return True
+    return (loop.max_steps >= 0 and trainer.global_step >= loop.max_steps) or trainer.should_stop
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, corrupt, or not ours)."""
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint read without unpickling arbitrary objects (plain containers and tensors only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0][:200]})") from None
+
+
 class TaskProgressBar(TQDMProgressBar):
     """Lightning's progress bar, titled with the task: ``Task 2/5 · Epoch 0``."""
 
@@ -130,7 +199,11 @@ class ContinualRunner:
 
     def __init__(self, model: ContinualModule, datamodule: ContinualDataModule, run_dir: str | Path,
                  trainer_kwargs: dict[str, Any] | None = None, loggers: list[Logger] | None = None,
-                 seed: int = 0, method_name: str | None = None, config: dict[str, Any] | None = None):
+                 seed: int = 0, method_name: str | None = None, config: dict[str, Any] | None = None,
+                 keep_checkpoints: str = "all"):
+        if keep_checkpoints not in ("all", "last"):
+            raise ValueError(f"checkpoints.keep={keep_checkpoints!r} must be 'all' or 'last'")
+        self.keep_checkpoints = keep_checkpoints
         self.model, self.dm = model, datamodule
         self.run_dir = Path(run_dir)
         self.trainer_kwargs = dict(trainer_kwargs or {})
@@ -169,8 +242,7 @@ class ContinualRunner:
             callbacks.append(TaskProgressBar(task, self.info.num_tasks))
         if train:
             # one file, overwritten at every epoch end: the point to resume inside this task
-            callbacks.append(ModelCheckpoint(dirpath=self.task_ckpt_dir(task), filename="last", save_top_k=1,
-                                             enable_version_counter=False))
+            callbacks.append(TaskCheckpoint(self.task_ckpt_dir(task)))
         kwargs = {"enable_model_summary": False, **self.trainer_kwargs}
         return L.Trainer(callbacks=callbacks, logger=self.loggers or False, default_root_dir=self.run_dir,
                          use_distributed_sampler=False, enable_checkpointing=train, num_sanity_val_steps=0,
@@ -183,14 +255,13 @@ class ContinualRunner:
         return [float(v) for v in self.model.last_eval]
 
     # ------------------------------------------------------------------ resume
-    def last_finished_task(self) -> int:
-        """Highest task whose boundary checkpoint exists (-1: none)."""
-        done = [int(p.stem.removeprefix("after_task_")) for p in self.ckpt_dir.glob("after_task_*.ckpt")]
-        return max(done, default=-1)
+    def finished_tasks(self) -> list[int]:
+        """Tasks whose boundary checkpoint exists, in order."""
+        return sorted(int(p.stem.removeprefix("after_task_")) for p in self.ckpt_dir.glob("after_task_*.ckpt"))
 
     def restore(self, task: int) -> None:
         """Loads model, plugins, datamodule and run record from the boundary checkpoint of ``task``."""
-        ckpt = torch.load(self.boundary_ckpt(task), map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(self.boundary_ckpt(task))
         self.model.load_state_dict(ckpt["state_dict"])
         self.model.on_load_checkpoint(ckpt)
         states = ckpt.get("callbacks", {})
@@ -201,23 +272,48 @@ class ContinualRunner:
         if dm_key in ckpt:
             self.dm.load_state_dict(ckpt[dm_key])
 
+    def restore_latest(self) -> int:
+        """Restores the newest readable boundary checkpoint and returns its task (-1: none); an unreadable one
+        is reported by name and the one before it is used (its tasks are trained again)."""
+        for task in reversed(self.finished_tasks()):
+            try:
+                self.restore(task)
+                return task
+            except CheckpointError as err:
+                warnings.warn(f"{err}; resuming from the checkpoint before it", stacklevel=2)
+        return -1
+
+    def mid_task_checkpoint(self, task: int) -> Path | None:
+        """Lightning's checkpoint inside ``task`` when there is a readable one."""
+        path = self.task_ckpt_dir(task) / "last.ckpt"
+        if not path.exists():
+            return None
+        try:
+            load_checkpoint(path)
+        except CheckpointError as err:
+            warnings.warn(f"{err}; training task {task} again from its start", stacklevel=2)
+            return None
+        return path
+
     def save_boundary(self, trainer: L.Trainer, task: int) -> None:
-        """Writes the task-boundary checkpoint atomically, then drops the task's mid-task checkpoints."""
+        """Writes the task-boundary checkpoint atomically, then drops the task's mid-task checkpoints (and,
+        with ``keep_checkpoints='last'``, the earlier boundaries: the newest is all a resume needs)."""
         tmp = self.boundary_ckpt(task).with_suffix(".tmp")
         trainer.save_checkpoint(tmp, weights_only=False)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             os.replace(tmp, self.boundary_ckpt(task))
             shutil.rmtree(self.task_ckpt_dir(task), ignore_errors=True)
+            if self.keep_checkpoints == "last":
+                for old in self.finished_tasks():
+                    if old < task:
+                        self.boundary_ckpt(old).unlink(missing_ok=True)
         trainer.strategy.barrier()
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> dict[str, Any]:
         T = self.info.num_tasks
-        start = 0
-        if resume and (last := self.last_finished_task()) >= 0:
-            self.restore(last)
-            start = last + 1
+        start = self.restore_latest() + 1 if resume else 0
         trainer = None
         if self.record.baseline is None:  # scores of the untrained model, for FWT
             L.seed_everything(self.seed, verbose=False)
@@ -229,9 +325,9 @@ class ContinualRunner:
             self.model.current_task = t
             self.model.steps_before_task = self.record.steps
             trainer = self.make_trainer(t)
-            mid_task = self.task_ckpt_dir(t) / "last.ckpt"
+            mid_task = self.mid_task_checkpoint(t) if resume else None
             began = time.perf_counter()
-            trainer.fit(self.model, datamodule=self.dm, ckpt_path=mid_task if resume and mid_task.exists() else None)
+            trainer.fit(self.model, datamodule=self.dm, ckpt_path=mid_task, weights_only=True)
             self.record.train_seconds += time.perf_counter() - began
             self.record.steps += trainer.global_step
             ari = self.record.finish_task(trainer)

@@ -1,6 +1,6 @@
 """Benchmarks: each a ContinualDataModule that serves one task at a time. Add one by dropping a file here."""
 
-from datamodules.base import ContinualDataModule, TaskData
+from datamodules.base import ContinualDataModule, DataError, TaskData
 from datamodules.cifar import SplitCIFAR10, SplitCIFAR100
 from datamodules.mnist import (
     DataNotFoundError,
@@ -12,6 +12,6 @@ from datamodules.mnist import (
 from datamodules.poly_regression import PolynomialRegression
 
 __all__ = [
-    "ContinualDataModule", "DataNotFoundError", "PermutedMNIST", "PolynomialRegression", "RotatedMNIST",
+    "ContinualDataModule", "DataError", "DataNotFoundError", "PermutedMNIST", "PolynomialRegression", "RotatedMNIST",
     "SplitCIFAR10", "SplitCIFAR100", "SplitFashionMNIST", "SplitMNIST", "TaskData",
 ]

@@ -21,6 +21,11 @@ from cl_lightning.tasks import BenchmarkInfo, Scenario, Task
 BatchTransform = Callable[[Tensor], Tensor]
 
 
+class DataError(RuntimeError):
+    """A data set on disk that cannot be used as it is (corrupt or truncated files); the message names the
+    file and what to do."""
+
+
 class TaskData(Dataset):
     """One split of one task. Indexed with a tensor of indices, it returns a whole batch ``(x, y, t)``."""
 

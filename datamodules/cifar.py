@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import pickle
+import textwrap
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from cl_lightning.tasks import Scenario, Task
-from datamodules.base import ContinualDataModule, TaskData, check_class_order, equal_class_split
+from datamodules.base import ContinualDataModule, DataError, TaskData, check_class_order, equal_class_split
 from datamodules.mnist import DataNotFoundError, default_data_dir
 
 #: folder, train files, test files, label key, mean, std
@@ -40,14 +41,19 @@ def load_cifar_split(dataset: str, root: str, train: bool, download: bool = Fals
         try:
             getattr(torchvision.datasets, dataset)(root=root, train=train, download=True)
         except Exception as err:  # any network or file error: say what to do instead
-            raise _missing(dataset, base, f"download failed: {' '.join(str(err).split())[:200]}") from None
+            reason = textwrap.shorten(" ".join(str(err).split()), 400, placeholder=" ...")
+            raise _missing(dataset, base, f"download failed: {reason}") from None
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise _missing(dataset, base, f"missing {', '.join(missing)}")
     xs, ys = [], []
     for f in files:
-        with open(f, "rb") as fh:
-            entry = pickle.load(fh, encoding="bytes")
+        try:
+            with open(f, "rb") as fh:
+                entry = pickle.load(fh, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, ValueError) as err:
+            raise DataError(f"{f} is corrupt ({' '.join(str(err).split()) or type(err).__name__}). Delete it so "
+                            "that it is downloaded again, or copy a complete file there.") from None
         xs.append(torch.as_tensor(entry[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32))
         ys.append(torch.as_tensor(entry[key], dtype=torch.long))
     return torch.cat(xs), torch.cat(ys)

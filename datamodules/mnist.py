@@ -7,7 +7,10 @@ permuted tasks cost no more memory than one.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import shutil
+import textwrap
 from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,10 +21,17 @@ from torch import Tensor
 from torchvision.transforms.functional import InterpolationMode, rotate
 
 from cl_lightning.tasks import Scenario, Task
-from datamodules.base import BatchTransform, ContinualDataModule, TaskData, check_class_order, equal_class_split
+from datamodules.base import (
+    BatchTransform,
+    ContinualDataModule,
+    DataError,
+    TaskData,
+    check_class_order,
+    equal_class_split,
+)
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(DataError, FileNotFoundError):
     """The data set is neither on disk nor downloadable; the message says where to put it."""
 
 
@@ -29,19 +39,48 @@ def default_data_dir() -> str:
     return os.environ.get("CL_DATA_DIR", "./data")
 
 
+#: torchvision's raw files of each split (the unpacked IDX files it reads).
+IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def check_idx_file(path: Path) -> None:
+    """Raises a DataError naming ``path`` if it is shorter or longer than its IDX header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(4)
+        if len(header) == 4 and header[:2] == b"\0\0" and header[2] == 0x08:
+            dims = [int.from_bytes(f.read(4), "big") for _ in range(header[3])]
+            expected = 4 + 4 * len(dims) + math.prod(dims)
+            if size == expected:
+                return
+            why = f"{size} bytes where its header promises {expected}: truncated or padded"
+        else:
+            why = f"{size} bytes without an IDX header"
+    raise DataError(f"{path} is corrupt ({why}). Delete it so that it is downloaded again, "
+                    "or copy a complete file there.")
+
+
 @functools.lru_cache(maxsize=8)
 def load_torchvision_split(dataset: str, root: str, train: bool, download: bool = True) -> tuple[Tensor, Tensor]:
     """(images uint8 [N, 28, 28], labels int64) of MNIST or FashionMNIST, read once per process."""
     cls = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}[dataset]
+    raw = Path(root) / dataset / "raw"
+    for name in IDX_FILES[train]:
+        if (raw / name).exists():
+            check_idx_file(raw / name)
     try:
         ds = cls(root=root, train=train, download=False)
     except RuntimeError:
         if not download:
             raise _missing(dataset, root, "download=false") from None
+        created = next((p for p in reversed([raw, *raw.parents]) if not p.exists()), None)
         try:
             ds = cls(root=root, train=train, download=True)
         except Exception as err:  # any network or file error: say what to do instead
-            reason = " ".join(str(err).split())[:200]
+            if created is not None:  # leave no empty folders behind a failed download
+                shutil.rmtree(created, ignore_errors=True)
+            reason = textwrap.shorten(" ".join(str(err).split()), 400, placeholder=" ...")
             raise _missing(dataset, root, f"download failed: {reason}") from None
     return ds.data.clone(), ds.targets.clone().long()
 

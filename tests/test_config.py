@@ -88,6 +88,32 @@ def test_values_out_of_range_name_key_and_value(override, named):
     assert named in error_of(override)
 
 
+@pytest.mark.parametrize(("override", "named"), [
+    ("trainer.max_epochs=abc", "trainer.max_epochs='abc' must be int"),
+    ("trainer.devices=abc", "trainer: "),
+    ("trainer.accelerator=gpu", "trainer: "),
+    ("trainer.callbacks=[]", "trainer.callbacks is set by the runner"),
+    ("benchmark.num_tasks=abc", "benchmark.num_tasks='abc' must be int"),
+    ("method.lr=abc", "method.lr='abc' must be float"),
+    ("method.backbone.hidden_sizes=7", "method.target.hidden_sizes=7 must be"),
+    ("checkpoints.keep=some", "checkpoints.keep='some'"),
+])
+def test_bad_types_and_trainer_arguments_name_the_key_before_a_folder_exists(override, named, tmp_path):
+    override = override.replace("method.backbone", "method.target")  # the default method is HNET
+    assert named in error_of(override, f"output_dir={tmp_path / 'run'}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_numbers_read_as_text_become_numbers():
+    cfg = compose(["method=ewc", "method.lr=1e-3"])
+    assert cfg["method"]["init_args"]["lr"] == 0.001
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in error_of(f"output_dir={tmp_path / 'file'}")
+
+
 def test_unsupported_scenario_for_a_method_is_rejected():
     message = error_of("benchmark.scenario=class", "method.class_path=tests.test_config.TaskOnlyMethod")
     assert "scenario='class'" in message and "TaskOnlyMethod" in message
