@@ -92,3 +92,35 @@ def test_poly_regression_tasks_live_on_disjoint_intervals():
     x, y, _ = dm.split(1, "test")[torch.arange(100)]
     torch.testing.assert_close(y, 2 * x**2 - 1)
     assert torch.equal(PolynomialRegression(seed=3).split(0, "train").y, dm.split(0, "train").y)
+
+
+def test_a_truncated_idx_file_is_named_with_the_fix(tmp_path):
+    from datamodules import DataError
+    from datamodules.mnist import load_torchvision_split
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    header = b"\0\0\x08\x03" + (60000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (raw / "train-images-idx3-ubyte").write_bytes(header + bytes(10))  # cut short by a failed copy
+    with pytest.raises(DataError, match="train-images-idx3-ubyte is corrupt .*truncated.*Delete it"):
+        load_torchvision_split("MNIST", str(tmp_path), True, False)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(DataError, match="without an IDX header"):
+        load_torchvision_split("MNIST", str(tmp_path), True, True)
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
+    import torchvision
+
+    from datamodules import DataNotFoundError
+    from datamodules.mnist import load_torchvision_split
+
+    def offline(self, *args, **kwargs):
+        (tmp_path / "absent" / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)  # as torchvision does
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: " + "no network here " * 30)
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    with pytest.raises(DataNotFoundError) as info:
+        load_torchvision_split("MNIST", str(tmp_path / "absent"), True, True)
+    assert not (tmp_path / "absent").exists()
+    assert str(info.value).count("no network here") < 30 and " ...)" in str(info.value)  # shortened at a word
