@@ -144,8 +144,13 @@ def run(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    from cl_lightning import sweep  # -m / sweep.* / resume=<sweep folder>: many runs (cl_lightning/sweep.py)
+
+    if sweep.is_sweep(args):
+        return sweep.main(args)
     try:
-        run(list(sys.argv[1:] if argv is None else argv))
+        run(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
