@@ -8,7 +8,8 @@ environment variable, CUDA memory). The plan is written to ``sweep.json`` before
 happened to each run is read back from its folder (``metrics.json``: finished; ``config.yaml`` only:
 interrupted), so ``train.py resume=<sweep folder>`` after any kill keeps the finished runs, resumes the
 interrupted ones (``train.py resume=<run folder>``) and starts the rest. Runs are grouped on W&B under
-the sweep's name. When all runs are finished, the sweep folder gets ``runs.csv`` (one row per run).
+the sweep's name. At the end the sweep folder gets ``runs.csv`` (one row per run) and the report of
+``cl-lightning report`` over its finished runs (``report.md``, ``.csv``, ``.png``: seeds as mean ± std).
 
 Only top-level commas split a value: ``benchmark.class_order=[9,8,7,6,5,4,3,2,1,0]`` is one value,
 ``benchmark.class_order=[0,1],[1,0]`` two; commas inside brackets, braces or quotes never split.
@@ -338,7 +339,8 @@ def write_runs_table(sweep: Sweep, outcome: dict[str, str]) -> Path:
 
 
 def main(args: Sequence[str]) -> int:
-    """Plans (or reopens) the sweep, runs what is left, writes the aggregate; 1 if a run failed."""
+    """Plans (or reopens) the sweep, runs what is left, writes the aggregate (runs.csv and the report of the
+    finished runs); 1 if a run failed."""
     try:
         resume = any(w.startswith("resume=") and (Path(w.split("=", 1)[1]) / SWEEP_FILE).is_file() for w in args)
         sweep = reopen(args) if resume else plan(args)
@@ -354,6 +356,11 @@ def main(args: Sequence[str]) -> int:
     except KeyboardInterrupt:
         return 130
     table = write_runs_table(sweep, outcome)
+    if any(s == "finished" for s in outcome.values()):
+        from cl_lightning.report import find_runs, write_report
+
+        report = write_report(sweep.dir, find_runs([sweep.dir]))
+        print(report["md"].read_text(), flush=True)
     failed = [run_id for run_id, s in outcome.items() if s != "finished"]
     print(f"[sweep {sweep.name}] {len(sweep.runs) - len(failed)}/{len(sweep.runs)} runs finished; {table}",
           flush=True)

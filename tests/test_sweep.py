@@ -145,3 +145,10 @@ def test_a_killed_sweep_resumes_keeping_finished_runs(mnist_root, tmp_path):
         assert np.asarray(metrics["R"]).shape == (2, 2) and metrics["seed"] == int(row["seed"])
         assert float(row["ACC"]) == pytest.approx(metrics["ACC"])
     assert json.loads((out / SWEEP_FILE).read_text())["name"] == "sweep"
+
+    # the sweep's report: the three seeds of one setting, mean ± std (n-1) of the runs' own metrics
+    acc = [json.loads((f / "metrics.json").read_text())["ACC"] for f in (first, second, third)]
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| finetune |"))
+    assert "| split_mnist | task | — | 0, 1, 2 (n=3) | accuracy % |" in row
+    assert f"| {100 * np.mean(acc):.2f} ± {100 * np.std(acc, ddof=1):.2f} |" in row
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
