@@ -145,8 +145,10 @@ def run(overrides: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    from cl_lightning import sweep  # -m / sweep.* / resume=<sweep folder>: many runs (cl_lightning/sweep.py)
+    from cl_lightning import sweep, usage  # --help (usage.py); -m / sweep.* / resume=<sweep folder> (sweep.py)
 
+    if usage.wants_help(args):
+        return usage.main(args)
     if sweep.is_sweep(args):
         return sweep.main(args)
     try:
