@@ -33,6 +33,15 @@ def score_label(metric: str) -> str:
 
 def plot_heatmap(path: Path, R: np.ndarray, metric: str, title: str, task_names: list[str] | None = None) -> None:
     """The accuracy (or MSE) matrix as an annotated heatmap PNG (rows: after task i; columns: task j)."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(R, metric, title, task_names)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def heatmap_figure(R: np.ndarray, metric: str, title: str, task_names: list[str] | None = None) -> Any:
+    """The heatmap's matplotlib figure, laid out so that the title, ticks and colorbar label fit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,8 +54,7 @@ def plot_heatmap(path: Path, R: np.ndarray, metric: str, title: str, task_names:
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label=score_label(metric))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def draw_heatmap(ax: Any, R: np.ndarray, metric: str, task_names: list[str] | None = None,
@@ -72,7 +80,7 @@ def draw_heatmap(ax: Any, R: np.ndarray, metric: str, task_names: list[str] | No
             for j in range(T):
                 r, g, b, _ = im.cmap(im.norm(R[i, j]))
                 dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                ax.text(j, i, f"{R[i, j]:.2f}" if metric == "accuracy" else f"{R[i, j]:.2g}",
+                ax.text(j, i, f"{R[i, j]:.2f}" if metric == "accuracy" else f"{R[i, j]:.3g}",
                         ha="center", va="center", color="white" if dark else "black", fontsize=fontsize)
     names = short_task_names(task_names, T)
     ax.set_xlabel("evaluated on task")
@@ -83,6 +91,12 @@ def draw_heatmap(ax: Any, R: np.ndarray, metric: str, task_names: list[str] | No
     return im
 
 
+def heatmap_title(metrics: dict[str, Any]) -> str:
+    """``method on benchmark (scenario-IL)`` over the final score: ``ACC 0.971`` or ``mean MSE 0.0302``."""
+    final = f"ACC {metrics['ACC']:.3f}" if metrics["metric"] == "accuracy" else f"mean MSE {metrics['ACC']:.3g}"
+    return f"{metrics['method']} on {metrics['benchmark']} ({metrics['scenario']}-IL)\n{final}"
+
+
 def write_run_files(run_dir: Path, metrics: dict[str, Any], task_names: list[str]) -> dict[str, Path]:
     """metrics.json, accuracy_matrix.csv and accuracy_matrix.png in the run folder."""
     R = np.asarray(metrics["R"], dtype=float)
@@ -90,9 +104,7 @@ def write_run_files(run_dir: Path, metrics: dict[str, Any], task_names: list[str
              "png": run_dir / "accuracy_matrix.png"}
     paths["json"].write_text(json.dumps(metrics, indent=2))
     write_matrix_csv(paths["csv"], R, task_names)
-    final = f"ACC {metrics['ACC']:.3f}" if metrics["metric"] == "accuracy" else f"mean MSE {metrics['ACC']:.3g}"
-    title = f"{metrics['method']} on {metrics['benchmark']} ({metrics['scenario']}-IL)\n{final}"
-    plot_heatmap(paths["png"], R, metrics["metric"], title, task_names)
+    plot_heatmap(paths["png"], R, metrics["metric"], heatmap_title(metrics), task_names)
     return paths
 
 
