@@ -152,3 +152,36 @@ def test_a_killed_sweep_resumes_keeping_finished_runs(mnist_root, tmp_path):
     assert "| split_mnist | task | — | 0, 1, 2 (n=3) | accuracy % |" in row
     assert f"| {100 * np.mean(acc):.2f} ± {100 * np.std(acc, ddof=1):.2f} |" in row
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+FAKE_RUN = """
+import json, os, sys, time
+began = time.time()
+time.sleep(0.4)
+R = [[0.9, 0.5], [0.8, 0.9]]
+json.dump({"method": "m", "benchmark": "b", "scenario": "task", "metric": "accuracy", "R": R, "ACC": 0.85,
+           "seed": 0, "device": os.environ["CUDA_VISIBLE_DEVICES"], "began": began, "ended": time.time()},
+          open(os.path.join(sys.argv[1], "metrics.json"), "w"))
+"""
+
+
+def test_parallel_runs_get_one_device_each(tmp_path, monkeypatch, capsys):
+    """Four runs, two at a time on devices 0 and 1 (a stand-in process instead of train.py): runs that
+    overlap in time never share a device."""
+    import cl_lightning.sweep as sweep_module
+
+    def fake_command(sweep, run):
+        folder = sweep.run_dir(run)
+        folder.mkdir()
+        return [sys.executable, "-c", FAKE_RUN, str(folder)]
+
+    monkeypatch.setattr(sweep_module, "run_command", fake_command)
+    assert sweep_module.main(["-m", "seed=0,1,2,3", "logger=none", "sweep.parallel=2", "sweep.devices=[0,1]",
+                              f"output_dir={tmp_path / 'sw'}"]) == 0
+    runs = [json.loads(p.read_text()) for p in sorted((tmp_path / "sw").glob("*/metrics.json"))]
+    assert len(runs) == 4 and {r["device"] for r in runs} == {"0", "1"}
+    for a, b in itertools.combinations(runs, 2):
+        if a["began"] < b["ended"] and b["began"] < a["ended"]:
+            assert a["device"] != b["device"]
+    assert any(a["began"] < b["ended"] and b["began"] < a["ended"] for a, b in itertools.combinations(runs, 2))
+    assert "on device 1" in capsys.readouterr().out
