@@ -38,6 +38,10 @@ def trainer_kwargs(config: Any) -> dict[str, Any]:
 
 
 def main(args: list[str] | None = None) -> int:
+    if (sys.argv[1:] if args is None else args)[:1] == ["report"]:  # cl-lightning report ... (report.py)
+        from cl_lightning.report import main as report
+
+        return report((sys.argv[1:] if args is None else args)[1:])
     cli = ContinualCLI(ContinualModule, ContinualDataModule, subclass_mode_model=True, subclass_mode_data=True,
                        run=False, save_config_callback=None, seed_everything_default=0, args=args,
                        trainer_defaults={"logger": False, "max_epochs": 1}, auto_configure_optimizers=False)

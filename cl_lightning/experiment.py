@@ -212,10 +212,17 @@ def raise_interrupted(signum: int, frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    from cl_lightning import sweep, usage  # --help (usage.py); -m / sweep.* / resume=<sweep folder> (sweep.py)
+
+    if usage.wants_help(args):
+        return usage.main(args)
+    if sweep.is_sweep(args):
+        return sweep.main(args)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, raise_interrupted)
     try:
-        run(list(sys.argv[1:] if argv is None else argv))
+        run(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

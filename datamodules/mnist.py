@@ -130,6 +130,8 @@ class SplitMNIST(_MNISTFamily):
     ``class_order``, so task t owns outputs ``[t*k, (t+1)*k)`` of one shared head.
     """
 
+    name = "split_mnist"  # spelled as its config file (benchmark=split_mnist)
+
     def __init__(self, num_tasks: int = 5, class_order: list[int] | None = None, shuffle_classes: bool = False,
                  data_dir: str | None = None, download: bool = True, batch_size: int = 128,
                  scenario: str = "task", seed: int = 0, train_samples_per_task: int | None = None,
@@ -141,9 +143,8 @@ class SplitMNIST(_MNISTFamily):
         self.groups = equal_class_split(self.class_order, num_tasks)
 
     def _describe(self):
-        name = f"split_{self.dataset.lower()}"
-        tasks = tuple(Task(i, f"{name}/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
-        return name, tasks, (1, 28, 28), len(self.groups[0]), "classification"
+        tasks = tuple(Task(i, f"{self.name}/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
+        return self.name, tasks, (1, 28, 28), len(self.groups[0]), "classification"
 
     def _task_split(self, task_id: int, split: str) -> TaskData:
         x, y = self._raw(split)
@@ -161,6 +162,7 @@ class SplitFashionMNIST(SplitMNIST):
     """Split-MNIST's protocol on Fashion-MNIST."""
 
     dataset = "FashionMNIST"
+    name = "split_fashion_mnist"
 
 
 class _PixelPermutation:

@@ -39,7 +39,7 @@ class PolynomialRegression(ContinualDataModule):
         self.train_samples, self.test_samples, self.noise_std = train_samples, test_samples, noise_std
 
     def _describe(self):
-        tasks = tuple(Task(i, f"poly/{FUNCTIONS[i][0]}") for i in range(self.num_tasks))
+        tasks = tuple(Task(i, f"poly_regression/{FUNCTIONS[i][0]}") for i in range(self.num_tasks))
         return "poly_regression", tasks, (1,), 1, "regression"
 
     def _load(self) -> None:

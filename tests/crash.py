@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from cl_lightning.callback import ContinualCallback
@@ -26,3 +27,19 @@ class CrashAt(ContinualCallback):
             if self.hard:
                 os._exit(3)
             raise RuntimeError("simulated crash")
+
+
+class KillSweepAt(CrashAt):
+    """Kills the parent process (a sweep) and then this run, once, at ``task``/``step`` of the run whose
+    folder name contains ``run``: the state a sweep killed in the middle of one of its runs leaves."""
+
+    def __init__(self, task: int, step: int, marker: str, run: str):
+        super().__init__(task, step, marker, hard=True)
+        self.run = run
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.run not in Path(os.environ.get("CL_LIGHTNING_RUN_DIR", "")).name:
+            return
+        if not Path(self.marker).exists() and pl_module.current_task == self.task and trainer.global_step == self.step:
+            os.kill(os.getppid(), signal.SIGKILL)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
