@@ -139,21 +139,40 @@ def make_loggers(node: dict[str, Any] | None, run_dir: Path, name: str | None) -
     return [instantiate(node, "logger")]
 
 
-def ensure_wandb_reachable(logger: WandbLogger, args: dict[str, Any]) -> WandbLogger:
-    """Starts the W&B run now (on rank 0); if no server answers, continues offline with a warning."""
-    if args.get("offline") or os.environ.get("LOCAL_RANK", "0") != "0":
-        return logger
-    try:
-        logger.experiment  # noqa: B018  (starts the run)
-        return logger
-    except Exception as err:  # any failure to reach the server must not stop the run
-        warnings.warn(f"W&B could not start online ({err}); logging offline to {args['save_dir']}/wandb",
-                      stacklevel=2)
-        import wandb
+#: Seconds a W&B run waits for its server before the run falls back to offline logging.
+WANDB_INIT_TIMEOUT = "15"
 
-        wandb.teardown()  # drop the half-started online session before starting an offline one
-        os.environ["WANDB_MODE"] = "offline"
-        return WandbLogger(**{**args, "offline": True})
+
+def ensure_wandb_reachable(logger: WandbLogger, args: dict[str, Any]) -> WandbLogger:
+    """Starts the W&B run now (on rank 0) without ever prompting: with no login, or no server answering
+    within ``WANDB_INIT_TIMEOUT`` seconds, the run continues offline, said once."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return logger
+    import wandb
+
+    if not args.get("offline"):
+        os.environ.setdefault("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT)
+        try:
+            if not wandb.login(prompt=False):
+                raise RuntimeError("no W&B login: run `wandb login` or set WANDB_API_KEY")
+            start_wandb(logger)
+            return logger
+        except Exception as err:  # any failure to reach the server must not stop the run
+            wandb.teardown()  # drop a half-started online session before starting an offline one
+            warnings.warn(f"W&B could not start online ({' '.join(str(err).split())[:300]}); "
+                          f"logging offline to {args['save_dir']}/wandb", stacklevel=2)
+            os.environ["WANDB_MODE"] = "offline"
+            logger = WandbLogger(**{**args, "offline": True})
+    start_wandb(logger)
+    return logger
+
+
+def start_wandb(logger: WandbLogger) -> None:
+    """Starts the run and plots every metric against the runner's ``step``, one axis over all tasks and
+    across resumes (Lightning's ``trainer/global_step`` restarts with every task's Trainer)."""
+    run = logger.experiment
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step", step_sync=True)
 
 
 def build(cfg: dict[str, Any]) -> tuple[ContinualModule, ContinualDataModule]:

@@ -123,6 +123,7 @@ def log_task_row(loggers: list[Logger], task: int, row: list[float], prefix: str
     values = {f"{prefix}/task_{j}": v for j, v in enumerate(row)}
     values.update({f"cl/{_named(k, prefix)}": v for k, v in summary.items() if v is not None})
     values["task"] = float(task)
+    values["step"] = float(step)
     for logger in loggers:
         logger.log_metrics(values, step=step)
 

@@ -76,3 +76,30 @@ def test_unreachable_wandb_server_falls_back_to_offline(mnist_root, tmp_path):
     assert "logging offline" in proc.stderr
     assert (out / "metrics.json").exists()
     assert b"acc/task_1" in next(wandb_run_files(out).glob("*.wandb")).read_bytes()
+
+
+def test_wandb_without_login_never_prompts_in_a_terminal_and_a_resume_keeps_the_run_id(mnist_root, tmp_path):
+    """In a terminal with no W&B login, wandb would ask `Enter your choice:` and wait forever: the run must
+    go offline at once, say so once, and a resume must continue the same W&B run id."""
+    import pty
+
+    out = tmp_path / "run"
+    env = {**os.environ, "HOME": str(tmp_path), "WANDB_MODE": "online", "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
+    env.pop("WANDB_API_KEY", None)
+    env.pop("CL_LIGHTNING_RUN_DIR", None)
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"output_dir={out}", f"data_dir={mnist_root}",
+                               "logger.offline=false", "benchmark.num_tasks=2", "benchmark.train_samples_per_task=200",
+                               "trainer.enable_progress_bar=false"], cwd=tmp_path, stdin=secondary,
+                              capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("no W&B login") == 1 and "logging offline" in proc.stderr
+    first = wandb_run_files(out)
+    resumed = train(tmp_path, f"resume={out}", "logger.offline=true", env={"HOME": str(tmp_path)})
+    assert "ACC" in resumed.stdout
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[-1] for r in runs} == {first.name.rsplit("-", 1)[-1]}
