@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +195,13 @@ def build(cfg: dict[str, Any]) -> tuple[ContinualModule, ContinualDataModule]:
 
 
 def run(overrides: Sequence[str]) -> dict[str, Any]:
-    cfg = resolve_config(overrides)
+    """``train.py`` overrides to a finished run folder."""
+    return run_config(resolve_config(overrides))
+
+
+def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config (from either front door) to a finished run folder: the one path every run takes, so
+    a run started by ``train.py`` or ``cl-lightning`` resumes with either."""
     model, datamodule = build(cfg)
     if RUN_DIR_ENV not in os.environ:
         datamodule.prepare_data()  # a missing data set stops the run before its folder is made
@@ -210,7 +216,8 @@ def run(overrides: Sequence[str]) -> dict[str, Any]:
         if runner.is_global_zero:
             done = len(runner.record.rows)
             print(f"\n{stop} after {done} of {datamodule.info.num_tasks} tasks; nothing finished is lost. "
-                  f"Continue with:\n  python train.py resume={run_dir}", file=sys.stderr)
+                  f"Continue with:\n  python train.py resume={run_dir}\n  (or: cl-lightning --resume {run_dir})",
+                  file=sys.stderr)
         raise
     if runner.is_global_zero:
         print(f"\nRun folder: {run_dir}\nACC {metrics['ACC']:.4f}  BWT {metrics['BWT']}  "
@@ -230,18 +237,13 @@ def raise_interrupted(signum: int, frame: Any) -> None:
     raise RunInterrupted(f"Stopped by {signal.Signals(signum).name}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    from cl_lightning import sweep, usage  # --help (usage.py); -m / sweep.* / resume=<sweep folder> (sweep.py)
-
-    if usage.wants_help(args):
-        return usage.main(args)
-    if sweep.is_sweep(args):
-        return sweep.main(args)
+def guarded(start: Callable[[], Any]) -> int:
+    """Runs ``start`` as a command: named errors instead of tracebacks (exit 2), and SIGINT / SIGTERM stop the
+    run resumably (exit 130). Used by both front doors."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, raise_interrupted)
     try:
-        run(args)
+        start()
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -251,3 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunInterrupted:
         return 130
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    from cl_lightning import sweep, usage  # --help (usage.py); -m / sweep.* / resume=<sweep folder> (sweep.py)
+
+    if usage.wants_help(args):
+        return usage.main(args)
+    if sweep.is_sweep(args):
+        return sweep.main(args)
+    return guarded(lambda: run(args))

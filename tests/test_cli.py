@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import yaml
+
 from tests.conftest import REPO
 
 EWC = str(REPO / "configs/method/ewc.yaml")
@@ -33,7 +35,7 @@ def test_print_config_of_the_shared_yaml_files(tmp_path):
     assert "class_path: datamodules.SplitMNIST" in proc.stdout
 
 
-def test_cli_run_writes_a_run_folder(mnist_root, tmp_path):
+def test_cli_run_is_a_train_py_run_and_each_door_resumes_the_other(mnist_root, tmp_path):
     out = tmp_path / "run"
     proc = cli("--model", FINETUNE, "--data", SPLIT_MNIST,
                "--data.data_dir", str(mnist_root), "--data.num_tasks", "2",
@@ -41,15 +43,33 @@ def test_cli_run_writes_a_run_folder(mnist_root, tmp_path):
                "--data.train_samples_per_task", "300", "--trainer.enable_progress_bar", "false",
                "--output_dir", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LightningModule" not in proc.stdout  # no model summary per task
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["R"]) == 2 and metrics["ACC"] > 0.6
-    assert "class_path: cl_lightning.methods.ContinualModule" in (out / "config.yaml").read_text()
+    assert len(metrics["R"]) == 2 and metrics["ACC"] > 0.6 and metrics["method"] == "finetune"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method_name"] == "finetune" and saved["benchmark_name"] == "split_mnist"
+    assert saved["method"]["class_path"] == "cl_lightning.methods.ContinualModule"
+    assert list((out / "wandb").glob("offline-run-*")), "the CLI logs to W&B (offline) by default, as train.py"
+
+    # train.py continues the CLI's run, and the CLI continues it too; both refuse to change what it is
+    again = subprocess.run([sys.executable, str(REPO / "train.py"), f"resume={out}", "logger=none"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["R"] == metrics["R"]
+    back = cli("--resume", str(out), "--logger", "none", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert back.returncode == 0, back.stderr[-2000:]
+    refused = cli("--resume", str(out), "--model.lr", "0.5", cwd=tmp_path)
+    assert refused.returncode == 2 and "method.lr=0.5 differs" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_bad_value_is_reported_by_key(tmp_path):
     proc = cli("--model", FINETUNE, "--data", SPLIT_MNIST,
                "--data.num_taks", "3", cwd=tmp_path)
     assert proc.returncode != 0 and "num_taks" in proc.stderr
+    proc = cli("--model", FINETUNE, "--data", SPLIT_MNIST, "--data.num_tasks", "3", "--output_dir",
+               str(tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 2 and "config error" in proc.stderr and "num_tasks=3" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_a_printed_config_runs_again_with_config(tmp_path):
