@@ -19,7 +19,7 @@ from cl_lightning.methods import DGR, HNETR, ContinualModule
 from cl_lightning.nets import MLP
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork
 from datamodules import SplitMNIST
-from tests.conftest import run_tasks
+from tests.conftest import run_tasks, train_py
 from tests.crash import CrashAt
 
 
@@ -135,3 +135,29 @@ def test_hnetr_resumes_inside_a_task(mnist_root, tmp_path, one_thread):
     resumed = run_tasks(*make(marker), tmp_path / "run", resume=True, max_epochs=2)
     np.testing.assert_allclose(resumed["R"], reference["R"], rtol=0, atol=1e-6)
     assert resumed["optimizer_steps"] == reference["optimizer_steps"]
+
+
+# ---------------------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_dgr_with_si_on_two_processes_matches_one(mnist_root, tmp_path):
+    """The replay path (replayed batches sharded like data, the VAE's noise drawn for the global batch) and
+    SI's path integral under 2-process DDP: the result of one process, and the same state on both ranks."""
+    def train(out, dump, *extra):
+        plugins = ("method.plugins=[{class_path: callbacks.generative_replay.Replay, init_args: {batch_size: 32}}, "
+                   "{class_path: callbacks.SI, init_args: {strength: 10.0}}, "
+                   f"{{class_path: tests.dump_replay.DumpReplayState, init_args: {{folder: '{dump}'}}}}]")
+        return train_py(["method=dgr", plugins, "benchmark.scenario=class", "method.backbone.hidden_sizes=[64]",
+                         "method.encoder_hidden=[64]", "method.decoder_hidden=[64]", "method.latent_dim=8",
+                         "trainer.max_epochs=2", *extra], out, mnist_root)
+
+    single = train(tmp_path / "single", tmp_path / "d1", "trainer.devices=1")
+    ddp = train(tmp_path / "ddp", tmp_path / "d2", "trainer.devices=2", "trainer.strategy=ddp")
+    np.testing.assert_allclose(ddp["R"], single["R"], atol=5e-3)
+    assert ddp["optimizer_steps"] == single["optimizer_steps"]
+    for task in (0, 1):
+        rank0 = torch.load(tmp_path / "d2" / f"rank0_task{task}.pt")
+        rank1 = torch.load(tmp_path / "d2" / f"rank1_task{task}.pt")
+        alone = torch.load(tmp_path / "d1" / f"rank0_task{task}.pt")
+        for name in rank0:
+            assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+            torch.testing.assert_close(rank0[name], alone[name], rtol=1e-2, atol=1e-4)
