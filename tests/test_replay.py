@@ -161,3 +161,19 @@ def test_dgr_with_si_on_two_processes_matches_one(mnist_root, tmp_path):
         for name in rank0:
             assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
             torch.testing.assert_close(rank0[name], alone[name], rtol=1e-2, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("method", ["hnet_r", "dgr", "si", "online_ewc"])
+def test_table_1_experiment_configs_build(method):
+    """Every Table 1 row's config composes and builds its method for the benchmark (no training)."""
+    from cl_lightning.config import compose
+    from cl_lightning.experiment import build
+
+    for cl, scenario in ((1, "task"), (2, "domain"), (3, "class")):
+        cfg = compose([f"experiment={method}_split_mnist_cl{cl}", "logger=none"])
+        assert cfg["trainer"]["max_steps"] == 2000 and cfg["benchmark"]["init_args"]["scenario"] == scenario
+        model, dm = build(cfg)
+        model.setup_tasks(dm.info)
+        if method == "hnet_r":
+            assert model.decoder_target.num_params == model.hypernetwork.num_target_weights
