@@ -1,5 +1,6 @@
 """Generative replay: the Replay plugin's batch and loss, DGR and HNET+R against fine-tuning in class-IL, the
-hypernetwork-protected decoder against an unprotected one, and resume inside a task.
+hypernetwork-protected decoder against an unprotected one, resume inside a task, 2-process DDP (with SI's path
+integral), and the Table 1 experiment configs.
 
 The runs here are many small matrix products: one thread is faster than two on a shared CPU, so they use one.
 """

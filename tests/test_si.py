@@ -17,6 +17,15 @@ from tests.conftest import run_tasks
 from tests.crash import CrashAt
 
 
+@pytest.fixture
+def one_thread():
+    """Small nets: one thread is faster than two on a shared CPU (no spinning threads waiting for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class ViewSI(SI):
     """The bug: parameter values 'saved' as views, which the optimizer's in-place update changes with them."""
 
@@ -41,7 +50,7 @@ def check_si_protects(si: SI, si_run: dict, ft_run: dict) -> None:
     assert si_run["ACC"] > ft_run["ACC"] + 0.01, (si_run["ACC"], ft_run["ACC"])
 
 
-def test_si_forgets_less_than_finetuning_and_catches_the_view_bug(mnist_root, tmp_path):
+def test_si_forgets_less_than_finetuning_and_catches_the_view_bug(mnist_root, tmp_path, one_thread):
     ft = run(mnist_root, tmp_path / "ft", None)
     assert ft["BWT"] < -0.03, "fine-tuning must forget for the comparison to mean anything"
 
@@ -60,7 +69,7 @@ def test_si_forgets_less_than_finetuning_and_catches_the_view_bug(mnist_root, tm
     np.testing.assert_allclose(view_run["R"], ft["R"], atol=1e-6)
 
 
-def test_si_resumes_inside_a_task(mnist_root, tmp_path):
+def test_si_resumes_inside_a_task(mnist_root, tmp_path, one_thread):
     def make(marker):
         L.seed_everything(0, verbose=False)
         si = SI(strength=10.0)
