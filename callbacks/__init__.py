@@ -5,5 +5,6 @@ from callbacks.ewc import EWC
 from callbacks.gradient_sign import GradientSignFilter
 from callbacks.hnet_regularizer import OutputRegularizer
 from callbacks.mask_basis import MaskBasisFreezing
+from callbacks.si import SI
 
-__all__ = ["ARIConsolidation", "EWC", "GradientSignFilter", "MaskBasisFreezing", "OutputRegularizer"]
+__all__ = ["ARIConsolidation", "EWC", "GradientSignFilter", "MaskBasisFreezing", "OutputRegularizer", "SI"]

@@ -1,0 +1,93 @@
+"""HNET paper Table 1, Split-MNIST CL2 / CL3 rows of the replay methods and their baselines: ours beside the paper's.
+
+    python benchmarks/replay_reproduce.py --steps 500 --seeds 0           # scaled (benchmarks/hnet.md)
+    python benchmarks/replay_reproduce.py --methods hnet_r --scenarios 1  # S-CL1, "during" vs "after"
+    python benchmarks/replay_reproduce.py --steps 2000 --seeds 0 1 2      # the paper's budget
+
+Each run is the experiment config ``configs/experiment/<method>_split_mnist_cl<1|2|3>.yaml`` through the same
+runner as ``train.py``; ``--steps`` replaces its 2000 steps per task, ``--train-samples`` subsamples each task's
+training data, and the printout says what was scaled. It prints ACC (mean of the last row of R, in %) per
+seed and the mean +- std over seeds, and for the replay methods the "during" (diagonal) mean too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import data_dir  # noqa: E402
+from cl_lightning.config import compose  # noqa: E402
+from cl_lightning.experiment import build  # noqa: E402
+from cl_lightning.runner import ContinualRunner  # noqa: E402
+
+#: von Oswald et al. 2020, Table 1 (Split-MNIST, mean +- std over their seeds): (CL1, CL2, CL3).
+PAPER = {"hnet_r": ((99.83, 0.01), (98.00, 0.03), (95.30, 0.13)), "dgr": ((99.61, 0.02), (96.83, 0.20), (91.79, 0.32)),
+         "si": ((99.09, 0.15), (65.36, 1.57), (19.99, 0.06)),
+         "online_ewc": ((99.12, 0.11), (64.32, 1.90), (19.96, 0.07))}
+#: Appendix D, "during" (just after each task) for S-CL1.
+PAPER_DURING_CL1 = {"hnet_r": 99.82}
+NAMES = {"hnet_r": "HNET+R", "dgr": "DGR+distill", "si": "SI", "online_ewc": "online EWC"}
+
+
+def run(method: str, cl: int, seed: int, steps: int, samples: int | None) -> dict:
+    overrides = [f"experiment={method}_split_mnist_cl{cl}", "logger=none", f"data_dir={data_dir()}",
+                 "trainer.enable_progress_bar=false", f"trainer.max_steps={steps}", f"seed={seed}"]
+    if samples is not None:
+        overrides.append(f"benchmark.train_samples_per_task={samples}")
+    cfg = compose(overrides)
+    model, dm = build(cfg)
+    with tempfile.TemporaryDirectory() as run_dir:
+        runner = ContinualRunner(model, dm, run_dir, trainer_kwargs=cfg["trainer"], seed=cfg["seed"])
+        began = time.perf_counter()
+        metrics = runner.run()
+        metrics["wall_seconds"] = time.perf_counter() - began
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(PAPER), choices=list(PAPER))
+    parser.add_argument("--scenarios", nargs="+", type=int, default=[2, 3], choices=[1, 2, 3])
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per task (paper: 2000)")
+    parser.add_argument("--train-samples", type=int, default=None, help="training samples per task (paper: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"Split-MNIST, {args.steps} steps per task (paper 2000), batch 128 (+128 replayed), "
+          f"train samples per task: {args.train_samples or 'all'}, seeds {args.seeds}, {args.threads} thread(s)")
+    rows = []
+    for method in args.methods:
+        for cl in args.scenarios:
+            accs, during, walls = [], [], []
+            for seed in args.seeds:
+                m = run(method, cl, seed, args.steps, args.train_samples)
+                R = np.asarray(m["R"]) * 100
+                accs.append(R[-1].mean())
+                during.append(np.diag(R).mean())
+                walls.append(m["wall_seconds"])
+                print(f"  {NAMES[method]:12s} CL{cl} seed {seed}: ACC {accs[-1]:6.2f}  during {during[-1]:6.2f}  "
+                      f"last row {np.round(R[-1], 1).tolist()}  ({walls[-1]:.0f} s)", flush=True)
+            paper, paper_std = PAPER[method][cl - 1]
+            rows.append((NAMES[method], cl, np.mean(accs), np.std(accs), np.mean(during), paper, paper_std,
+                         np.mean(walls), method))
+    print(f"\n| method | scenario | ours ACC (mean +- std, {len(args.seeds)} seeds) | ours during | paper | "
+          "paper during | wall s/run |")
+    print("|---|---|---|---|---|---|---|")
+    for name, cl, acc, std, dur, paper, paper_std, wall, method in rows:
+        paper_during = PAPER_DURING_CL1.get(method) if cl == 1 else None
+        print(f"| {name} | S-CL{cl} | {acc:.2f} +- {std:.2f} | {dur:.2f} | {paper:.2f} +- {paper_std:.2f} | "
+              f"{'-' if paper_during is None else f'{paper_during:.2f}'} | {wall:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
