@@ -2,8 +2,13 @@
 
 from callbacks.ari_consolidation import ARIConsolidation
 from callbacks.ewc import EWC
+from callbacks.gem import AGEM, GEM
 from callbacks.gradient_sign import GradientSignFilter
 from callbacks.hnet_regularizer import OutputRegularizer
+from callbacks.lwf import LwF
 from callbacks.mask_basis import MaskBasisFreezing
+from callbacks.rehearsal import RehearsalPlugin
+from callbacks.replay import DarkExperienceReplay, ExperienceReplay
 
-__all__ = ["ARIConsolidation", "EWC", "GradientSignFilter", "MaskBasisFreezing", "OutputRegularizer"]
+__all__ = ["AGEM", "EWC", "GEM", "ARIConsolidation", "DarkExperienceReplay", "ExperienceReplay", "GradientSignFilter",
+           "LwF", "MaskBasisFreezing", "OutputRegularizer", "RehearsalPlugin"]
