@@ -5,10 +5,11 @@ from callbacks.ewc import EWC
 from callbacks.gem import AGEM, GEM
 from callbacks.gradient_sign import GradientSignFilter
 from callbacks.hnet_regularizer import OutputRegularizer
+from callbacks.icarl import ICaRLExemplars
 from callbacks.lwf import LwF
 from callbacks.mask_basis import MaskBasisFreezing
 from callbacks.rehearsal import RehearsalPlugin
 from callbacks.replay import DarkExperienceReplay, ExperienceReplay
 
 __all__ = ["AGEM", "EWC", "GEM", "ARIConsolidation", "DarkExperienceReplay", "ExperienceReplay", "GradientSignFilter",
-           "LwF", "MaskBasisFreezing", "OutputRegularizer", "RehearsalPlugin"]
+           "ICaRLExemplars", "LwF", "MaskBasisFreezing", "OutputRegularizer", "RehearsalPlugin"]
