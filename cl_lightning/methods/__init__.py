@@ -3,10 +3,11 @@
 from cl_lightning.methods.ari import ARILearner
 from cl_lightning.methods.base import ContinualModule, JointTraining
 from cl_lightning.methods.er_ace import ERACE
+from cl_lightning.methods.gdumb import GDumb
 from cl_lightning.methods.hnet import HNET
 from cl_lightning.methods.icarl import ICaRL
 from cl_lightning.methods.impresslearn import ImpressLearn
 from cl_lightning.methods.supsup import SupermaskModule, SupSup
 
-__all__ = ["HNET", "ARILearner", "ICaRL", "ContinualModule", "ERACE", "ImpressLearn", "JointTraining", "SupSup",
-           "SupermaskModule"]
+__all__ = ["HNET", "ARILearner", "ContinualModule", "ERACE", "GDumb", "ICaRL", "ImpressLearn", "JointTraining",
+           "SupSup", "SupermaskModule"]
