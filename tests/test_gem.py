@@ -1,5 +1,6 @@
 """GEM and A-GEM: the dual quadratic program against brute force, the projections' inner products on hand-made
-gradients and inside real training, and both against fine-tuning on Permuted-MNIST."""
+gradients and inside real training, and both against fine-tuning on Permuted-MNIST; beside them, at the same
+memory, the gradient-sign filter whose old-task direction is a memory gradient (``reference: memory``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import AGEM, GEM
+from callbacks import AGEM, GEM, GradientSignFilter
 from callbacks.gem import agem_project, gem_project, solve_nonneg_qp
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.methods import ContinualModule
@@ -98,6 +99,25 @@ class GradientSpy(ContinualCallback):
         self.checked += 1
 
 
+class SignSpy(ContinualCallback):
+    """Runs after the gradient-sign filter (Adam: update mode) and checks that every coordinate's step agrees in
+    sign with the memory gradient the filter used."""
+
+    def __init__(self, plugin):
+        super().__init__()
+        self.plugin, self.before, self.checked = plugin, None, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.before = [p.detach().clone() for p in pl_module.parameters()] if self.plugin.active else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.before is None:
+            return
+        for before, p, ref in zip(self.before, pl_module.parameters(), self.plugin.last_reference, strict=True):
+            assert ((before - p.detach()) * ref >= 0).all()  # the descent step never opposes the old tasks' one
+        self.checked += 1
+
+
 def permuted(root):
     return PermutedMNIST(num_tasks=3, data_dir=str(root), train_samples_per_task=2000, batch_size=32)
 
@@ -112,16 +132,32 @@ def finetune(mnist_root, tmp_path_factory):
     return run_tasks(mlp([]), permuted(mnist_root), tmp_path_factory.mktemp("ft"))
 
 
-@pytest.mark.parametrize("name", ["gem", "agem"])
+@pytest.mark.parametrize("name", ["gem", "agem", "gradsign_memory"])
 def test_projection_methods_forget_less_than_finetune_and_their_steps_agree(mnist_root, tmp_path, finetune, name):
-    plugin = GEM(300, eps=0.0) if name == "gem" else AGEM(300, batch_size=64)
-    spy = GradientSpy(plugin)
+    if name == "gradsign_memory":
+        plugin = GradientSignFilter(reference="memory", memory_size=300, memory_batch_size=64)
+        spy = SignSpy(plugin)
+    else:
+        plugin = GEM(300, eps=0.0) if name == "gem" else AGEM(300, batch_size=64)
+        spy = GradientSpy(plugin)
     got = run_tasks(mlp([plugin, spy]), permuted(mnist_root), tmp_path)
     assert spy.checked == 2 * 63  # every step of tasks 1 and 2 (2000 / 32 steps each)
-    assert 0 < plugin.projections < plugin.steps  # projected where the gradient disagreed, only there
+    if name == "gradsign_memory":
+        assert 0.3 < plugin.kept_fraction < 0.95  # it filtered, and not everything
+        copy = GradientSignFilter(reference="memory", memory_size=300, memory_batch_size=64)
+        copy.load_state_dict(plugin.state_dict())  # the memory travels in the checkpoint
+        assert torch.equal(copy.rehearsal.memory.data["x"], plugin.rehearsal.memory.data["x"])
+        plugin = plugin.rehearsal  # for the memory checks below
+    else:
+        assert 0 < plugin.projections < plugin.steps  # projected where the gradient disagreed, only there
     assert finetune["BWT"] < -0.08, "fine-tuning forgets at this learning rate"
     assert got["BWT"] > finetune["BWT"] + 0.04
     assert got["ACC"] > finetune["ACC"] + 0.025
     # the memory holds its budget split equally between the tasks
     assert torch.bincount(plugin.memory.data["t"]).tolist() == [100, 100, 100]
-    assert got["storage"][f"plugin_{type(plugin).__name__}"] == 300 * (784 + 2)
+    assert got["storage"][f"plugin_{type(spy.plugin).__name__}"] == 300 * (784 + 2)
+
+
+def test_invalid_reference_names_the_key():
+    with pytest.raises(ValueError, match="reference='memo'"):
+        GradientSignFilter(reference="memo")
