@@ -25,7 +25,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call, jacrev
+from torch.func import functional_call, grad, jacrev, vmap
 
 from callbacks.rehearsal import RehearsalPlugin, world_and_rank
 
@@ -153,14 +153,29 @@ class GEM(_Projection):
         self.min_dot_after: float | None = None  # smallest <g~, G_k> of the last projection (diagnostic)
 
     def task_gradients(self, trainer: L.Trainer, module: L.LightningModule, names: list[str]) -> Tensor:
-        """``[k, p]``: the mean loss gradient of each past task's memory, the same on every rank."""
+        """``[k, p]``: the mean loss gradient of each past task's memory, the same on every rank. Each rank
+        takes its share of every task's rows; the tasks are stacked (padded with zero-weight rows) and
+        differentiated in one vmapped pass, so the cost is one forward and backward over the memory."""
         world, rank = world_and_rank(module)
         tasks = self.memory.data["t"]
-        ids, groups_all = tasks.unique(return_inverse=True)
-        share = torch.arange(len(tasks), device=tasks.device).tensor_split(world)[rank]
-        rows = self.memory.get(share, module.device)
-        G = self.memory_loss_grads(module, rows, groups_all[share].to(module.device), len(ids), names)
-        counts = torch.bincount(groups_all, minlength=len(ids)).to(G)
+        ids = tasks.unique().tolist()
+        shares = [(tasks == k).nonzero().squeeze(1).tensor_split(world)[rank] for k in ids]
+        m = max(1, max(len(s) for s in shares))
+        idx = torch.stack([torch.cat([s, s.new_zeros(m - len(s))]) for s in shares])
+        weight = torch.stack([(torch.arange(m) < len(s)).float() for s in shares]).to(module.device)
+        rows = self.memory.get(idx.reshape(-1), module.device)
+        rows = {k: v.reshape(len(ids), m, *v.shape[1:]) for k, v in rows.items()}
+        leaves = {n: p.detach() for n, p in module.named_parameters()}
+        fixed = {**{n: v for n, v in leaves.items() if n not in names}, **dict(module.named_buffers())}
+
+        def loss(trained: dict[str, Tensor], x: Tensor, y: Tensor, t: Tensor, w: Tensor) -> Tensor:
+            out = functional_call(module, {**fixed, **trained}, (x, t))
+            return (F.cross_entropy(out, y, reduction="none") * w).sum()
+
+        grads = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))({n: leaves[n] for n in names}, rows["x"], rows["y"],
+                                                             rows["t"], weight)
+        G = torch.cat([grads[n].reshape(len(ids), -1) for n in names], 1)
+        counts = torch.tensor([int((tasks == k).sum()) for k in ids], device=G.device, dtype=G.dtype)
         return self.reduce_sum(trainer, G) / counts.unsqueeze(1)
 
     def project(self, trainer: L.Trainer, module: L.LightningModule, g: Tensor, names: list[str]) -> Tensor:

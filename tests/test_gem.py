@@ -77,6 +77,28 @@ def test_agem_projection_removes_only_the_disagreeing_component():
     assert new.tolist() == [0.0, 2.0, 1.0] and float(new @ ref) == 0.0
 
 
+@pytest.mark.parametrize("scenario", ["task", "domain"])
+def test_gem_task_gradients_are_each_tasks_mean_loss_gradient(scenario):
+    from cl_lightning.tasks import BenchmarkInfo, Scenario, Task
+
+    info = BenchmarkInfo("toy", tuple(Task(i, str(i)) for i in range(3)), Scenario.parse(scenario), (1, 4, 4), 3)
+    module = ContinualModule(MLP(hidden_sizes=[8]))
+    module.setup_tasks(info)
+    gem = GEM(10)  # quotas 4 / 3 / 3: the stacked tasks are padded
+    g = torch.Generator().manual_seed(0)
+    gem.memory.set_group("task", {"x": torch.randn(11, 1, 4, 4, generator=g),
+                                  "y": torch.randint(0, 3, (11,), generator=g),
+                                  "t": torch.tensor([0] * 4 + [1] * 4 + [2] * 3)})
+    names = [n for n, _ in module.named_parameters()]
+    G = gem.task_gradients(L.Trainer(accelerator="cpu", logger=False), module, names)
+    data = gem.memory.data
+    for k in range(3):
+        rows = data["t"] == k
+        module.zero_grad()
+        torch.nn.functional.cross_entropy(module(data["x"][rows], data["t"][rows]), data["y"][rows]).backward()
+        torch.testing.assert_close(G[k], torch.cat([p.grad.reshape(-1) for p in module.parameters()]))
+
+
 class GradientSpy(ContinualCallback):
     """Runs after GEM / A-GEM and checks the gradient the optimizer will use against the memory gradients."""
 
