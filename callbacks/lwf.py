@@ -56,6 +56,9 @@ class LwF(ContinualCallback):
     def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
         if not (hasattr(module, "backbone") and hasattr(module, "head")):
             raise ValueError(f"LwF needs a method with a backbone and a head, not {type(module).__name__}")
+        if module.info.is_regression:
+            raise ValueError(f"LwF distils softmax outputs: it needs a classification benchmark, not "
+                             f"{module.info.name}")
         if task_id > 0:
             self.old = {f"{part}.{k}": v.detach().clone() for part in ("backbone", "head")
                         for k, v in getattr(module, part).state_dict().items()}

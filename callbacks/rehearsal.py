@@ -120,6 +120,9 @@ class RehearsalPlugin(ContinualCallback):
 
     # ------------------------------------------------------------------ state
     def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+        if module.info.is_regression:
+            raise ValueError(f"{type(self).__name__} replays labels with a cross-entropy: it needs a classification "
+                             f"benchmark, not {module.info.name}")
         self.memory.to(module.device)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

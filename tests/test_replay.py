@@ -109,3 +109,21 @@ def test_resume_with_a_full_memory_matches_an_uninterrupted_run(mnist_root, tmp_
     np.testing.assert_allclose(resumed["R"], reference["R"], rtol=0, atol=1e-6)
     for key in ("x", "y", "t", "logits"):
         torch.testing.assert_close(der.memory.data[key], ref_der.memory.data[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("plugin", [ExperienceReplay(10), LwF()], ids=["er", "lwf"])
+def test_classification_plugins_reject_a_regression_benchmark(tmp_path, plugin):
+    from datamodules.poly_regression import PolynomialRegression
+
+    with pytest.raises(ValueError, match="classification benchmark, not poly_regression"):
+        run_tasks(ContinualModule(MLP(hidden_sizes=[8]), plugins=[plugin]), PolynomialRegression(num_tasks=2),
+                  tmp_path)
+
+
+def test_invalid_arguments_name_the_key():
+    with pytest.raises(ValueError, match="insertion='stream'"):
+        ExperienceReplay(10, insertion="stream")
+    with pytest.raises(ValueError, match="alpha=-1"):
+        DarkExperienceReplay(10, alpha=-1)
+    with pytest.raises(ValueError, match="temperature=0"):
+        LwF(temperature=0)
