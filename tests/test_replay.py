@@ -18,8 +18,9 @@ from tests.conftest import run_tasks
 from tests.crash import CrashAt
 
 
-def split_mnist(root, scenario="class", n=2000):
-    return SplitMNIST(data_dir=str(root), scenario=scenario, train_samples_per_task=n, batch_size=32)
+def split_mnist(root, scenario="class", n=2000, tasks=5):
+    return SplitMNIST(data_dir=str(root), num_tasks=tasks, scenario=scenario, train_samples_per_task=n,
+                      batch_size=32)
 
 
 def mlp(plugins=(), cls=ContinualModule, lr=1e-3):
@@ -94,7 +95,7 @@ def test_resume_with_a_full_memory_matches_an_uninterrupted_run(mnist_root, tmp_
     def make(marker):
         der = DarkExperienceReplay(100, 32, alpha=0.3, beta=0.5)
         model = mlp([der, CrashAt(1, 40, str(marker), hard=False)])
-        return model, split_mnist(mnist_root, n=800), der
+        return model, split_mnist(mnist_root, n=800, tasks=2), der
 
     marker = tmp_path / "crashed"
     marker.write_text("never crash")
@@ -127,3 +128,21 @@ def test_invalid_arguments_name_the_key():
         DarkExperienceReplay(10, alpha=-1)
     with pytest.raises(ValueError, match="temperature=0"):
         LwF(temperature=0)
+
+
+def test_er_ace_masks_only_the_old_classes_absent_from_the_incoming_batch():
+    from cl_lightning.tasks import BenchmarkInfo, Scenario, Task
+
+    info = BenchmarkInfo("toy", (Task(0, "a", (0, 1)), Task(1, "b", (2, 3))), Scenario.CLASS_IL, (1, 2, 2), 2)
+    module = ERACE(MLP(hidden_sizes=[4]))
+    module.setup_tasks(info)
+    x, t = torch.randn(6, 1, 2, 2), torch.zeros(6, dtype=torch.long)
+    module.task_loss((x, torch.tensor([0, 1, 0, 1, 0, 1]), t))  # task 0: classes 0 and 1 are now seen
+    module.current_task = 1
+    module.zero_grad()
+    module.task_loss((x, torch.tensor([2, 2, 3, 2, 3, 2]), t + 1)).backward()
+    bias = module.head.bias.grad
+    assert bias[:2].abs().max() == 0 and bias[2:].abs().min() > 0  # old classes untouched, new ones trained
+    module.zero_grad()
+    module.task_loss((x, torch.tensor([0, 2, 3, 2, 3, 2]), t + 1)).backward()
+    assert module.head.bias.grad[0] != 0 and module.head.bias.grad[1] == 0  # class 0 is present: it competes

@@ -30,7 +30,8 @@ class ERACE(ContinualModule):
     def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         x, y, t = batch
         out = self(x, t)
-        labels = self.all_gather(y).reshape(-1) if self.trainer.world_size > 1 else y
+        distributed = self._trainer is not None and self._trainer.world_size > 1
+        labels = self.all_gather(y).reshape(-1) if distributed else y
         present = torch.zeros_like(self.seen_classes)
         present[labels] = True
         if self.current_task > 0:
