@@ -146,3 +146,14 @@ def test_er_ace_masks_only_the_old_classes_absent_from_the_incoming_batch():
     module.zero_grad()
     module.task_loss((x, torch.tensor([0, 2, 3, 2, 3, 2]), t + 1)).backward()
     assert module.head.bias.grad[0] != 0 and module.head.bias.grad[1] == 0  # class 0 is present: it competes
+
+
+@pytest.mark.parametrize("name", ["er", "der", "derpp", "er_ace", "gem", "agem", "lwf", "icarl", "gdumb",
+                                  "gradsign_memory"])
+def test_every_baseline_config_builds_its_method(name):
+    from cl_lightning.experiment import build, resolve_config
+
+    scenario = "class" if name in ("er_ace", "icarl") else "domain"
+    model, dm = build(resolve_config([f"method={name}", "benchmark=split_mnist", f"benchmark.scenario={scenario}"]))
+    assert model.plugins and dm.scenario.value == scenario
+    model.setup_tasks(dm.info)  # the declared scenarios accept it
