@@ -15,6 +15,13 @@ The predicted quantity is the optimizer's step divided by ``-lr`` (``descent_dir
 for plain SGD, the momentum / Adam update otherwise. It is computed from the raw gradient, before
 filtering, so the filter of a later task does not leak into what its predictor learns.
 
+``reference="memory"`` (our extension, not in the paper) replaces the predictors by a rehearsal memory: at a
+task's end a seeded random subset of its data joins a memory of ``memory_size`` samples split equally between
+tasks (A-GEM's memory, ``callbacks.gem.AGEM``), and on every later step the old-task direction of Eq. 5 is
+the gradient of the loss on ``memory_batch_size`` memory samples at the current parameters (all-reduced across
+ranks, as A-GEM's reference gradient). No pairs are collected and no predictor is fitted. In ``update`` mode
+(Adam, momentum) the optimizer's step is compared with that gradient's sign.
+
 Distributed: gradients are already reduced in ``on_before_optimizer_step`` and the parameters are the
 same on every rank, so with the rank-independent sampling generator every rank collects the same pairs
 and fits the same predictor; rank 0's predictors are broadcast anyway at each task's end.
@@ -29,6 +36,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from callbacks.gem import AGEM
 from callbacks.gradient_predictor import (
     CoordinatePredictor,
     PredictorTable,
@@ -39,6 +47,7 @@ from callbacks.gradient_predictor import (
 from cl_lightning.callback import ContinualCallback
 
 COMBINES = ("mean", "each")
+REFERENCES = ("predictor", "memory")
 FILTER_MODES = ("auto", "gradient", "update")
 
 
@@ -68,6 +77,10 @@ class GradientSignFilter(ContinualCallback):
         table_size: grid points of the interpolation table (see ``PredictorTable``); 0 evaluates the
             predictor on every coordinate at every step instead.
         seed: seed of the coordinate sampling and of the predictor fits (the same on every rank).
+        reference: ``predictor`` (the paper: meta-learned gradient predictors) or ``memory`` (the gradient of a
+            rehearsal memory batch at the current parameters; the predictor options are then unused).
+        memory_size: with ``memory``, samples kept across all tasks (split equally between them).
+        memory_batch_size: with ``memory``, memory samples behind each step's old-task gradient.
     """
 
     def __init__(self, hidden_sizes: list[int] = (256, 256, 256), combine: str = "mean", distill: bool = True,
@@ -75,8 +88,14 @@ class GradientSignFilter(ContinualCallback):
                  max_pairs: int = 200_000, predictor_steps: int = 1000, predictor_batch_size: int = 1024,
                  predictor_lr: float = 1e-3, distill_steps: int = 1000, distill_points: int = 100_000,
                  layer_position: bool = False, previous_value: bool = False, table_size: int = 4097,
-                 seed: int = 0):
+                 seed: int = 0, reference: str = "predictor", memory_size: int = 1000, memory_batch_size: int = 64):
         super().__init__()
+        if reference not in REFERENCES:
+            raise ValueError(f"reference={reference!r} is not one of {list(REFERENCES)}")
+        self.reference = reference
+        #: The memory and its reference gradient (``reference=memory``): A-GEM's, used as a helper.
+        self.rehearsal = AGEM(memory_size, memory_batch_size, seed) if reference == "memory" else None
+        self.last_reference: list[Tensor] | None = None  # the last memory gradient, per parameter (diagnostic)
         if combine not in COMBINES:
             raise ValueError(f"combine={combine!r} is not one of {list(COMBINES)}")
         if filter_mode not in FILTER_MODES:
@@ -139,8 +158,14 @@ class GradientSignFilter(ContinualCallback):
         self.generator = torch.Generator().manual_seed(self.seed * 100_003 + task_id)
         self._tables = None
         self.previous = None
+        if self.rehearsal is not None:
+            self.rehearsal.on_task_start(trainer, module, task_id)
 
     def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+        if self.rehearsal is not None:  # the memory is the reference: no predictor to fit
+            self.rehearsal.insert_task(trainer, module, task_id)
+            self.tasks_learned += 1
+            return
         if self.filled == 0:
             raise RuntimeError(f"task {task_id}: no (parameter, gradient) pairs were collected; did it train?")
         for h in ([self.running] if self.running is not None else []) + self.past:
@@ -236,12 +261,15 @@ class GradientSignFilter(ContinualCallback):
         previous = self.previous_values(params)
         if self.previous_value:  # the values before this step are the next step's previous values
             self.previous = [p.detach().clone() for _, p in params]
-        if self.step_count % self.collect_every == 0:
+        if self.rehearsal is None and self.step_count % self.collect_every == 0:
             self.collect(optimizer, params, previous)
         self.step_count += 1
         if not self.active:
             return
-        preds = self.predicted(params, previous)
+        if self.rehearsal is not None:
+            preds = self.memory_directions(trainer, pl_module, params)
+        else:
+            preds = self.predicted(params, previous)
         mode = self._mode(optimizer)
         kept = total = 0.0
         if mode == "gradient":
@@ -270,6 +298,14 @@ class GradientSignFilter(ContinualCallback):
         self.kept += kept
         self.filtered_total += total
         self._pending = None
+
+    def memory_directions(self, trainer: L.Trainer, module: L.LightningModule, params: list[tuple[str, Tensor]]
+                          ) -> list[list[Tensor]]:
+        """The old-task descent direction of every parameter: the loss gradient of a memory batch here."""
+        flat = self.rehearsal.reference_gradient(trainer, module, [n for n, _ in params])
+        parts = list(flat.split([p.numel() for _, p in params]))
+        self.last_reference = [g.view_as(p) for g, (_, p) in zip(parts, params, strict=True)]
+        return [[g] for g in self.last_reference]
 
     def agreement(self, direction: Tensor, preds: list[Tensor]) -> Tensor:
         """1 where ``direction`` agrees in sign with every predicted direction (zero predictions agree
@@ -396,7 +432,8 @@ class GradientSignFilter(ContinualCallback):
         self._tables = None
 
     def plugin_state(self) -> dict[str, Any]:
-        return {**self.predictor_state(), "buffer": self.buffer[: self.filled].clone(), "seen": self.seen,
+        memory = {} if self.rehearsal is None else {"rehearsal": self.rehearsal.plugin_state()}
+        return {**memory, **self.predictor_state(), "buffer": self.buffer[: self.filled].clone(), "seen": self.seen,
                 "step_count": self.step_count, "kept": self.kept, "filtered_total": self.filtered_total,
                 "generator": self.generator.get_state(),
                 "previous": None if self.previous is None else [t.cpu() for t in self.previous]}
@@ -404,6 +441,8 @@ class GradientSignFilter(ContinualCallback):
     def load_plugin_state(self, state: dict[str, Any]) -> None:
         if "tasks_learned" not in state:
             return
+        if self.rehearsal is not None and "rehearsal" in state:
+            self.rehearsal.load_plugin_state(state["rehearsal"])
         self.load_predictor_state(state)
         self._reset_buffer()
         rows = state["buffer"]
@@ -417,7 +456,8 @@ class GradientSignFilter(ContinualCallback):
     def stored_numel(self) -> int:
         """Values kept between tasks: g (or the past predictors) and the two floats of the seen range."""
         kept = ([self.running] if self.running is not None else []) + self.past
-        return sum(h.numel() for h in kept) + (2 if self.range_seen is not None else 0)
+        memory = 0 if self.rehearsal is None else self.rehearsal.stored_numel()
+        return sum(h.numel() for h in kept) + (2 if self.range_seen is not None else 0) + memory
 
     def storage_breakdown(self) -> dict[str, int]:
         """Also the transient memory of a task: its predictor h (same size as g) and the pair buffer."""

@@ -1,0 +1,51 @@
+"""iCaRL (Rebuffi et al. 2017, "iCaRL: incremental classifier and representation learning").
+
+The network is trained with iCaRL's sigmoid loss (one-hot targets for the new classes, the previous
+network's sigmoid outputs for the old ones) on the new data and, through the ``ICaRLExemplars`` plugin, on
+a batch of exemplars every step. At test time it classifies by the nearest mean of exemplars: the class whose
+normalised mean exemplar feature is closest to the sample's normalised feature (before the first task ends,
+by the head's outputs). Herding, the means and the snapshot live in the plugin (``callbacks/icarl.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from callbacks.icarl import ICaRLExemplars
+from cl_lightning.callback import ContinualCallback
+from cl_lightning.methods.base import ContinualModule
+from cl_lightning.tasks import Scenario
+
+
+class ICaRL(ContinualModule):
+    """Class-IL. Takes the arguments of ``ContinualModule``; ``plugins`` must hold one ``ICaRLExemplars``."""
+
+    supported_scenarios = frozenset({Scenario.CLASS_IL})
+
+    def __init__(self, backbone: nn.Module | None = None, lr: float = 1e-3, optimizer: str = "adam",
+                 momentum: float = 0.0, weight_decay: float = 0.0,
+                 plugins: Sequence[ContinualCallback] | None = None):
+        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins)
+        found = [p for p in self.plugins if isinstance(p, ICaRLExemplars)]
+        if len(found) != 1:
+            raise ValueError(f"plugins: ICaRL needs exactly one callbacks.ICaRLExemplars (got {len(found)})")
+        self.exemplars = found[0]
+
+    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        x, y, t = batch
+        out = self.head(self.backbone(x))
+        self.record_train_error(out, y)
+        return self.exemplars.loss(self, x, y, out).mean()
+
+    def predict_for_eval(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        means = self.exemplars.means
+        if means is None:
+            return self(x, task_ids)
+        feats = F.normalize(self.backbone(x), dim=1)
+        means = means.to(feats.device)
+        scores = -torch.cdist(feats, means)
+        return scores.masked_fill(means.norm(dim=1).eq(0).unsqueeze(0), float("-inf"))
