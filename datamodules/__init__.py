@@ -2,6 +2,7 @@
 
 from datamodules.base import ContinualDataModule, DataError, TaskData
 from datamodules.cifar import SplitCIFAR10, SplitCIFAR100
+from datamodules.miniimagenet import SplitMiniImageNet
 from datamodules.mnist import (
     DataNotFoundError,
     PermutedMNIST,
@@ -13,5 +14,5 @@ from datamodules.poly_regression import PolynomialRegression
 
 __all__ = [
     "ContinualDataModule", "DataError", "DataNotFoundError", "PermutedMNIST", "PolynomialRegression", "RotatedMNIST",
-    "SplitCIFAR10", "SplitCIFAR100", "SplitFashionMNIST", "SplitMNIST", "TaskData",
+    "SplitCIFAR10", "SplitCIFAR100", "SplitFashionMNIST", "SplitMiniImageNet", "SplitMNIST", "TaskData",
 ]

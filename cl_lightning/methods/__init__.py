@@ -7,8 +7,9 @@ from cl_lightning.methods.gdumb import GDumb
 from cl_lightning.methods.hnet import HNET
 from cl_lightning.methods.icarl import ICaRL
 from cl_lightning.methods.impresslearn import ImpressLearn
+from cl_lightning.methods.mark import MARK
 from cl_lightning.methods.replay import DGR, HNETR, VAEReplayModule
 from cl_lightning.methods.supsup import SupermaskModule, SupSup
 
-__all__ = ["DGR", "HNET", "HNETR", "ARILearner", "ContinualModule", "ERACE", "GDumb", "ICaRL", "ImpressLearn",
+__all__ = ["DGR", "HNET", "HNETR", "MARK", "ARILearner", "ContinualModule", "ERACE", "GDumb", "ICaRL", "ImpressLearn",
            "JointTraining", "SupSup", "SupermaskModule", "VAEReplayModule"]
