@@ -100,10 +100,6 @@ def to_unit_range(x: Tensor) -> Tensor:
 
 
 class _MNISTFamily(ContinualDataModule):
-    """MNIST-sized benchmarks evaluate a whole task's test split (10,000 images at most) as one batch by
-    default (``eval_batch_size=10000``): on a CPU, ten batches of 1,000 cost several times more than one
-    (per-operator overhead; measured in benchmarks/README.md), and the inputs take 31 MB."""
-
     dataset = "MNIST"
 
     def __init__(self, num_tasks: int, data_dir: str | None = None, download: bool = True, **kwargs):
@@ -139,7 +135,7 @@ class SplitMNIST(_MNISTFamily):
     def __init__(self, num_tasks: int = 5, class_order: list[int] | None = None, shuffle_classes: bool = False,
                  data_dir: str | None = None, download: bool = True, batch_size: int = 128,
                  scenario: str = "task", seed: int = 0, train_samples_per_task: int | None = None,
-                 val_fraction: float = 0.0, eval_batch_size: int = 10000):
+                 val_fraction: float = 0.0, eval_batch_size: int = 1000):
         super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, batch_size=batch_size,
                          scenario=scenario, seed=seed, train_samples_per_task=train_samples_per_task,
                          val_fraction=val_fraction, eval_batch_size=eval_batch_size)
@@ -214,7 +210,7 @@ class PermutedMNIST(_TransformedMNIST):
     def __init__(self, num_tasks: int = 10, first_unpermuted: bool = False, data_dir: str | None = None,
                  download: bool = True, batch_size: int = 128, scenario: str = "domain", seed: int = 0,
                  train_samples_per_task: int | None = None, val_fraction: float = 0.0,
-                 eval_batch_size: int = 10000):
+                 eval_batch_size: int = 1000):
         super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, batch_size=batch_size,
                          scenario=scenario, seed=seed, train_samples_per_task=train_samples_per_task,
                          val_fraction=val_fraction, eval_batch_size=eval_batch_size)
@@ -237,7 +233,7 @@ class RotatedMNIST(_TransformedMNIST):
     def __init__(self, num_tasks: int = 10, angles: Sequence[float] | None = None, max_angle: float = 180.0,
                  data_dir: str | None = None, download: bool = True, batch_size: int = 128,
                  scenario: str = "domain", seed: int = 0, train_samples_per_task: int | None = None,
-                 val_fraction: float = 0.0, eval_batch_size: int = 10000):
+                 val_fraction: float = 0.0, eval_batch_size: int = 1000):
         super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, batch_size=batch_size,
                          scenario=scenario, seed=seed, train_samples_per_task=train_samples_per_task,
                          val_fraction=val_fraction, eval_batch_size=eval_batch_size)
