@@ -43,7 +43,8 @@ def main() -> None:
     model.setup_tasks(info)
     data = SimpleNamespace(task_dataloader=lambda task, split="train", batch_size=None, limit=None: DataLoader(
         TensorDataset(x[:limit], y[:limit], t[:limit]), batch_size=batch_size))
-    trainer = SimpleNamespace(datamodule=data, strategy=SimpleNamespace(reduce=lambda v, reduce_op="sum": v))
+    trainer = SimpleNamespace(datamodule=data, strategy=SimpleNamespace(reduce=lambda v, reduce_op="sum": v),
+                              world_size=1)
 
     def epoch() -> None:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -26,6 +26,7 @@ Under DDP, per-rank Fisher sums are all-reduced, so every rank holds the same pr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -134,10 +135,17 @@ class EWC(ContinualCallback):
                     per_sample.add(x, y, t, sums)
                     count += len(y)
                     continue
-                grads = self._batch_grad(trainer, module, names, x, y, t)
+                grads = self._batch_grad(trainer, module, names, (x, y, t))
                 for n in names:
                     sums[n] += grads[n].pow(2)
                 batches += 1
+            if per_sample is None and trainer.world_size > 1:  # a rank whose share of the last batch was empty
+                most = trainer.strategy.reduce(torch.tensor(float(batches), device=module.device), reduce_op="max")
+                for _ in range(int(most) - batches):  # joins the other ranks' reductions (adds nothing itself)
+                    grads = self._batch_grad(trainer, module, names, None)
+                    for n in names:
+                        sums[n] += grads[n].pow(2)
+                batches = int(most)
         finally:
             if per_sample is not None:
                 per_sample.close()
@@ -149,15 +157,22 @@ class EWC(ContinualCallback):
                 for n, s in sums.items()}
 
     @staticmethod
-    def _batch_grad(trainer: L.Trainer, module: L.LightningModule, names: list[str], x: Tensor, y: Tensor,
-                    t: Tensor) -> dict[str, Tensor]:
-        """Gradient of the global batch's mean loss (ranks hold parts of each batch: sums are all-reduced)."""
+    def _batch_grad(trainer: L.Trainer, module: L.LightningModule, names: list[str],
+                    batch: tuple[Tensor, Tensor, Tensor] | None) -> dict[str, Tensor]:
+        """Gradient of the global batch's mean loss (ranks hold parts of each batch: sums are all-reduced;
+        ``batch`` None: this rank holds no part of it)."""
         params = dict(module.named_parameters())
-        loss = _nll(module, module(x, t), y).sum()
-        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        if batch is None:
+            grads: Sequence[Tensor | None] = [None] * len(names)
+            size = 0
+        else:
+            x, y, t = batch
+            loss = _nll(module, module(x, t), y).sum()
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            size = len(y)
         flat = torch.cat([(torch.zeros_like(params[n]) if g is None else g).flatten()
                           for n, g in zip(names, grads, strict=True)])
-        n = torch.tensor(float(len(y)), device=flat.device, dtype=flat.dtype)
+        n = torch.tensor(float(size), device=flat.device, dtype=flat.dtype)
         flat = trainer.strategy.reduce(flat, reduce_op="sum") / trainer.strategy.reduce(n, reduce_op="sum")
         return {name: f.view_as(params[name])
                 for name, f in zip(names, flat.split([params[n].numel() for n in names]), strict=True)}

@@ -46,7 +46,7 @@ def _setup(batch_norm: bool, regression: bool = False):
     data = _Data()
     if regression:
         data.y = torch.randn(len(data.y), 2)
-    return m, SimpleNamespace(datamodule=data, strategy=_Strategy())
+    return m, SimpleNamespace(datamodule=data, strategy=_Strategy(), world_size=1)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
