@@ -142,7 +142,8 @@ def cmd_regcost(args: argparse.Namespace) -> None:
             model.setup_tasks(info)
             model.current_task = past
             model.setup("fit")
-            reg.targets = model.generate(range(past)).detach() if past and K is not None else None
+            if past and K is not None:  # the snapshot of the past tasks' targets, as at a task start
+                reg.on_task_start(None, model, past)
             opt = model.configure_optimizers()
             t = torch.full((128,), past)
             times = []

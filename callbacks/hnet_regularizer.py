@@ -1,7 +1,8 @@
 """The output regularizer of task-conditioned hypernetworks (von Oswald et al. 2020, Eq. 2).
 
-At the start of task T it stores, for every earlier task t, the weights the hypernetwork generates for
-it, ``target_t = h(e_t)`` (with the hypernetwork as it was before task T). Every training step then adds
+At the start of task T the targets are fixed: for every earlier task t, the weights the hypernetwork
+generates for it then, ``target_t = h(e_t)`` (with the hypernetwork as it was before task T). Every
+training step then adds
 
     beta / (T-1) * sum_{t<T} || h(e_t; theta [+ dtheta]) - target_t ||^2
 
@@ -17,22 +18,28 @@ paper). All past embeddings go through the hypernetwork in one batched pass. Opt
   optimizer's state: the exact next Adam/AdamW step (without weight decay), SGD with its momentum
   buffer, and ``-lr * grad`` for other optimizers.
 
-Targets need no data: every rank computes them from identical weights. They are kept in the plugin
-state, so checkpoints (and a resume in the middle of a task) restore them.
+What is stored is not the ``[T-1, N]`` targets but what they are made of: a copy of the hypernetwork's
+parameters taken at the task start (``snapshot``; the past embeddings are frozen model parameters, read
+from the module). ``target_t = h(e_t; snapshot)`` is the same value, so the penalty is the same, while the
+plugin's memory and its share of every checkpoint stay one hypernetwork's size whatever the number of
+tasks. Every rank takes the snapshot from identical weights, and checkpoints (also those in the middle of
+a task) hold it, so a resume rebuilds exactly what the uninterrupted run used. Targets set by hand, or
+restored from a checkpoint of an earlier version that stored them, are still honoured (``targets``).
 
 Two exact forms of the same penalty (``form``):
 
-- ``direct``: generate the past tasks' weights (one batched pass) and compare them with the targets; the
-  cost grows with the number of past tasks (``[P, N]`` generated weights, forward and backward).
+- ``direct``: generate the past tasks' weights (one batched pass) and compare them with the targets
+  (generated from the snapshot without gradient, for the regularised tasks only); the cost grows with the
+  number of past tasks (``[P, N]`` generated weights, forward and backward).
 - ``algebraic`` (for :class:`~cl_lightning.nets.hypernetwork.HyperNetwork` and its subclasses): the
   hypernetwork's last layer is linear, so the penalty follows from Gram matrices of that layer and small
   sums over the past tasks' last hidden activations
   (:meth:`~cl_lightning.nets.hypernetwork.HyperNetwork.output_penalty`), without generating any past
   task's weights: the per-step cost barely depends on the number of past tasks. It needs a reference
-  (the last layer and the past tasks' last hidden activations when the targets were taken): derived,
-  never checkpointed. After a load it is rebuilt from the current hypernetwork, and the stored targets'
-  remaining difference from what that generates is carried exactly (its part of the cost grows with the
-  past tasks again until the next task starts).
+  (the snapshot's last layer and the past tasks' last hidden activations under it): derived, never
+  checkpointed, rebuilt from the snapshot after a load. (Explicit ``targets`` instead: the reference is
+  built from the current hypernetwork and carries their remaining difference exactly; that part of the
+  cost grows with the past tasks again.)
 - ``auto`` (default): the algebraic form where the hypernetwork supports it and a cost model expects it
   to be cheaper (:meth:`~cl_lightning.nets.hypernetwork.HyperNetwork.output_penalty_is_cheaper`: e.g. a
   chunked hypernetwork with many chunks per task, from the first past task on; a full hypernetwork with
@@ -81,36 +88,60 @@ class OutputRegularizer(ContinualCallback):
             raise ValueError(f"form={form!r} is not one of {list(self.FORMS)}")
         self.beta, self.max_past_tasks, self.lookahead, self.seed = beta, max_past_tasks, lookahead, seed
         self.form = form
-        #: ``[P, N]``: the stored weights of tasks 0..P-1 (None before the second task).
+        #: The hypernetwork's parameters at the start of the current task (name -> tensor; None on task 0).
+        self.snapshot: dict[str, Tensor] | None = None
+        #: Number of past tasks regularised (those before the current task).
+        self.past_tasks = 0
+        #: ``[P, N]`` explicit targets (set by hand, or from a checkpoint of an earlier version); when set
+        #: they replace the snapshot's.
         self.targets: Tensor | None = None
-        self._on_device: Tensor | None = None
-        self._on_device_of: Tensor | None = None
-        #: Derived, for the algebraic form: the reference and the targets (object, version) it describes.
+        self._on_device: dict[str, Tensor] | None = None
+        self._on_device_of: dict[str, Tensor] | None = None
+        #: Derived, for the algebraic form: the reference and what it describes (see ``_source_key``).
         self._reference: OutputReference | None = None
-        self._reference_of: tuple[Tensor, int] | None = None
+        self._reference_of: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------ targets
     def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
         _require_hnet(module)
         self._on_device = None
         self._reference = self._reference_of = None
+        self.targets = None
+        self.past_tasks = task_id
         if task_id == 0:
-            self.targets = None
+            self.snapshot = None
             return
-        with torch.no_grad():
-            rows = min(task_id, self.max_past_tasks or task_id)
-            if self.uses_algebraic(module, rows):  # the targets and, from the same pass, their reference
-                self._reference, self.targets = module.hypernetwork.output_reference(
-                    module.embeddings(range(task_id)))
-                self._reference_of = self._targets_key()
-            else:
-                self.targets = module.generate(range(task_id)).detach().clone()
+        self.snapshot = {n: p.detach().clone() for n, p in module.hypernetwork.named_parameters()}
+        rows = min(task_id, self.max_past_tasks or task_id)
+        if self.uses_algebraic(module, rows):
+            self.reference(module, module.device)
 
-    def _targets(self, device: torch.device) -> Tensor:
-        assert self.targets is not None
-        if self._on_device is None or self._on_device.device != device or self._on_device_of is not self.targets:
-            self._on_device, self._on_device_of = self.targets.to(device), self.targets
+    @property
+    def active(self) -> bool:
+        """Whether there are past tasks to regularise."""
+        return self.targets is not None or (self.snapshot is not None and self.past_tasks > 0)
+
+    @property
+    def num_past(self) -> int:
+        return len(self.targets) if self.targets is not None else self.past_tasks
+
+    def _snapshot(self, device: torch.device) -> dict[str, Tensor]:
+        assert self.snapshot is not None
+        if self._on_device is None or next(iter(self._on_device.values())).device != device or \
+                self._on_device_of is not self.snapshot:
+            self._on_device = {n: v.to(device) for n, v in self.snapshot.items()}
+            self._on_device_of = self.snapshot
         return self._on_device
+
+    @torch.no_grad()
+    def past_targets(self, module: L.LightningModule, idx: Tensor | None = None) -> Tensor:
+        """``[len(idx), N]`` the targets of the past tasks ``idx`` (all if None): explicit targets, or
+        generated from the snapshot (the past embeddings are frozen)."""
+        rows = torch.arange(self.num_past) if idx is None else idx
+        if self.targets is not None:
+            return self.targets[rows.to(self.targets.device)]
+        embeddings = module.embeddings(rows).detach()
+        return functional_call(module.hypernetwork, self._snapshot(embeddings.device), (embeddings,))
 
     def uses_algebraic(self, module: L.LightningModule, rows: int) -> bool:
         """Whether the penalty over ``rows`` past tasks is computed in the algebraic form."""
@@ -119,39 +150,48 @@ class OutputRegularizer(ContinualCallback):
             return False
         return self.form == "algebraic" or hnet.output_penalty_is_cheaper(rows)
 
-    def _reference_is_current(self) -> bool:
-        return self._reference is not None and self._reference_of is not None and \
-            self._reference_of[0] is self.targets and self._reference_of[1] == self.targets._version
+    def _source_key(self) -> tuple[Any, ...]:
+        """What the reference is made from: the explicit targets (object and version) or the snapshot."""
+        if self.targets is not None:
+            return ("targets", self.targets, self.targets._version)
+        return ("snapshot", self.snapshot, self.past_tasks)
 
-    def _targets_key(self) -> tuple[Tensor, int]:
-        assert self.targets is not None
-        return self.targets, self.targets._version
+    def _reference_is_current(self) -> bool:
+        if self._reference is None or self._reference_of is None:
+            return False
+        key = self._source_key()
+        return self._reference_of[0] == key[0] and self._reference_of[1] is key[1] and \
+            self._reference_of[2] == key[2]
 
     def reference(self, module: L.LightningModule, device: torch.device) -> OutputReference:
-        """The algebraic form's reference for the stored targets; rebuilt from the current hypernetwork
-        when the targets were loaded or replaced since it was made."""
-        assert self.targets is not None
+        """The algebraic form's reference: built from the snapshot (exactly what the task start saw), or
+        for explicit targets from the current hypernetwork, carrying the targets' difference."""
+        assert self.active
         if not self._reference_is_current():
-            self._reference, _ = module.hypernetwork.output_reference(
-                module.embeddings(range(len(self.targets))).detach(), targets=self._targets(device))
-            self._reference_of = self._targets_key()
+            embeddings = module.embeddings(range(self.num_past)).detach()
+            if self.targets is not None:
+                self._reference, _ = module.hypernetwork.output_reference(
+                    embeddings, targets=self.targets.to(embeddings.device))
+            else:
+                self._reference, _ = module.hypernetwork.output_reference(
+                    embeddings, params=self._snapshot(embeddings.device))
+            self._reference_of = self._source_key()
         if self._reference.device != device:
             self._reference = self._reference.to(device)
         return self._reference
 
     @torch.no_grad()
     def drift(self, module: L.LightningModule) -> Tensor:
-        """Per past task, the largest absolute change of a generated weight since its target was stored."""
-        if self.targets is None:
+        """Per past task, the largest absolute change of a generated weight since its target was taken."""
+        if not self.active:
             return torch.zeros(0)
-        now = module.generate(range(len(self.targets)))
-        return (now - self._targets(now.device)).abs().amax(1)
+        now = module.generate(range(self.num_past))
+        return (now - self.past_targets(module).to(now.device)).abs().amax(1)
 
     # ------------------------------------------------------------------ penalty
     def subset(self, module: L.LightningModule) -> Tensor:
         """Indices of the past tasks regularised at this step (all, or a random subset of K)."""
-        assert self.targets is not None
-        past = len(self.targets)
+        past = self.num_past
         if self.max_past_tasks is None or past <= self.max_past_tasks:
             return torch.arange(past)
         step = int(getattr(module, "steps_before_task", 0)) + int(module.global_step)
@@ -159,7 +199,7 @@ class OutputRegularizer(ContinualCallback):
         return torch.randperm(past, generator=g)[: self.max_past_tasks].sort().values
 
     def penalty(self, module: L.LightningModule, batch: Any) -> Tensor | None:
-        if self.targets is None or self.beta == 0:
+        if not self.active or self.beta == 0:
             return None
         idx = self.subset(module)
         embeddings = module.embeddings(idx)
@@ -171,11 +211,11 @@ class OutputRegularizer(ContinualCallback):
             reference = self.reference(module, embeddings.device)
             total = module.hypernetwork.output_penalty(embeddings, reference, idx, params=shifted)
             return self.beta / len(idx) * total
+        targets = self.past_targets(module, idx).to(embeddings.device)
         if shifted is not None:
             weights = functional_call(module.hypernetwork, shifted, (embeddings,))
         else:
             weights = module.hypernetwork(embeddings)
-        targets = self._targets(weights.device)[idx.to(weights.device)]
         return self.beta / len(idx) * (weights - targets).pow(2).sum()
 
     # ------------------------------------------------------------------ lookahead
@@ -231,12 +271,21 @@ class OutputRegularizer(ContinualCallback):
 
     # ------------------------------------------------------------------ state
     def plugin_state(self) -> dict[str, Any]:
-        return {"targets": None if self.targets is None else self.targets.cpu()}
+        state: dict[str, Any] = {
+            "snapshot": None if self.snapshot is None else {n: v.cpu() for n, v in self.snapshot.items()},
+            "past_tasks": self.past_tasks}
+        if self.targets is not None:
+            state["targets"] = self.targets.cpu()
+        return state
 
     def load_plugin_state(self, state: dict[str, Any]) -> None:
-        self.targets = state.get("targets")
+        self.snapshot = state.get("snapshot")
+        self.targets = state.get("targets")  # explicit, or a checkpoint from before snapshots
+        self.past_tasks = state.get("past_tasks", 0 if self.targets is None else len(self.targets))
         self._on_device = None
         self._reference = self._reference_of = None  # derived: rebuilt on first use
 
     def stored_numel(self) -> int:
-        return 0 if self.targets is None else self.targets.numel()
+        """The snapshot (one hypernetwork, whatever the number of tasks), plus explicit targets if any."""
+        return sum(v.numel() for v in (self.snapshot or {}).values()) + \
+            (0 if self.targets is None else self.targets.numel())

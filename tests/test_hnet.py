@@ -277,7 +277,7 @@ def test_algebraic_penalty_is_as_accurate_as_direct_in_float32(kind):
     _drift(m, 1e-4)
     m64 = copy.deepcopy(m).double()
     reg64 = m64.plugins[0]
-    reg64.targets = reg.targets.double()
+    reg64.targets = reg.past_targets(m).double()  # the float32 targets, as explicit float64 values
     truth, g_truth = _penalty_and_grads(m64, reg64, algebraic=False)
     errors = {}
     for algebraic in (False, True):
@@ -315,7 +315,7 @@ def test_algebraic_penalty_never_generates_past_weights():
     _start_task(m, reg, 4)
     _drift(m, 1e-3)
     ref = reg.reference(m, torch.device("cpu"))
-    assert sum(t.numel() for t in (ref.z0, ref.w0t, ref.b0)) < reg.targets.numel() / 4  # less than one task's
+    assert sum(t.numel() for t in (ref.z0, ref.w0t, ref.b0)) < m.hypernetwork.num_target_weights  # < one task's
     N, bound = m.hypernetwork.num_target_weights, 42000 * 11
     sizes = {}
     for algebraic in (True, False):
@@ -344,20 +344,22 @@ def test_auto_form_picks_the_cheaper_one():
 
 
 def test_algebraic_penalty_with_replaced_or_restored_targets():
-    """Targets that the hypernetwork does not generate (set by hand, or restored into a hypernetwork that
-    moved on since): the reference is rebuilt lazily and carries the difference; still exact."""
+    """Targets that the hypernetwork does not generate (set by hand, or restored from a checkpoint of the
+    version that stored targets into a hypernetwork that moved on since): the reference is rebuilt lazily
+    from the current hypernetwork and carries the difference; still exact."""
     m, reg = _reg_hnet("chunked")
     _start_task(m, reg, 3)
     with torch.no_grad():
         for p in m.hypernetwork.parameters():
             p.add_(1e-2 * torch.randn_like(p))
-    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in reg.state_dict().items()}
-    assert set(state) == {"task_started", "task_finished", "targets"}  # nothing derived is checkpointed
+    state = reg.state_dict()
+    assert set(state) == {"task_started", "task_finished", "snapshot", "past_tasks"}  # nothing derived
     before = _assert_forms_agree(m, reg)
+    old = {"task_started": 3, "task_finished": 2, "targets": reg.past_targets(m).clone()}  # an old checkpoint
     fresh = OutputRegularizer(beta=0.5, form="algebraic")  # a resume in the middle of the task
-    fresh.load_state_dict(state)
+    fresh.load_state_dict(old)
     m.plugins[0] = fresh
-    assert fresh._reference is None
+    assert fresh._reference is None and fresh.snapshot is None
     torch.testing.assert_close(_assert_forms_agree(m, fresh), before, rtol=1e-4, atol=0)
     assert fresh._reference.ve is not None  # the targets differ from what the moved hypernetwork generates
     # targets replaced (a new tensor) or changed in place: the reference follows
@@ -412,9 +414,9 @@ def test_output_regularizer_prevents_forgetting_and_targets_stay_put(poly_runs):
     assert R_free[-1, 0] > 10 * max(R_reg[-1, 0], 0.05)
     assert R_reg[-1, :2].max() < 0.5
     plugin = model.plugins[0]
-    assert plugin.targets.shape == (2, model.hypernetwork.num_target_weights)
+    assert plugin.targets is None and plugin.past_targets(model).shape == (2, model.hypernetwork.num_target_weights)
     assert plugin.drift(model).max() < 0.1  # h(e_t) of past tasks moved little during the last task
-    assert plugin.stored_numel() == plugin.targets.numel()
+    assert plugin.stored_numel() == sum(p.numel() for p in model.hypernetwork.parameters())  # one snapshot
 
 
 def test_resume_restores_embeddings_and_targets(poly_runs):
@@ -427,9 +429,10 @@ def test_resume_restores_embeddings_and_targets(poly_runs):
     for t in range(2):  # past embeddings are frozen: identical to those of the finished run
         torch.testing.assert_close(fresh.task_embeddings[t], model.task_embeddings[t], rtol=0, atol=0)
     ckpt = torch.load(runner.boundary_ckpt(1), map_location="cpu", weights_only=False)
-    assert fresh.plugins[0].targets.shape == (1, fresh.hypernetwork.num_target_weights)
-    saved = ckpt["callbacks"][fresh.plugins[0].state_key]["targets"]
-    torch.testing.assert_close(fresh.plugins[0].targets, saved, rtol=0, atol=0)
+    assert fresh.plugins[0].past_targets(fresh).shape == (1, fresh.hypernetwork.num_target_weights)
+    saved = ckpt["callbacks"][fresh.plugins[0].state_key]["snapshot"]
+    for name, value in saved.items():
+        torch.testing.assert_close(fresh.plugins[0].snapshot[name], value, rtol=0, atol=0)
     assert fresh.plugins[0].drift(fresh).max() < 0.1
     # and rerunning the last task from that boundary gives the uninterrupted run's accuracy matrix
     (run_dir / "checkpoints" / "after_task_2.ckpt").rename(run_dir / "after_task_2.bak")
@@ -485,8 +488,69 @@ def test_two_algebraic_penalties_before_one_backward():
     emb = m.embeddings(range(4)).detach()
     ref = reg.reference(m, torch.device("cpu"))
     algebraic = hnet.output_penalty(emb, ref) + hnet.output_penalty(emb, ref, params=shift)
-    targets = reg.targets
+    targets = reg.past_targets(m)
     direct = (hnet(emb) - targets).pow(2).sum() + (functional_call(hnet, shift, (emb,)) - targets).pow(2).sum()
     torch.testing.assert_close(algebraic, direct, rtol=1e-7, atol=0)
     for ga, gd in zip(torch.autograd.grad(algebraic, params), torch.autograd.grad(direct, params), strict=True):
         torch.testing.assert_close(ga, gd, rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------- memory flat in tasks
+@pytest.mark.parametrize("kind", ["full", "chunked"])
+@pytest.mark.parametrize("lookahead", [False, True])
+@pytest.mark.parametrize("subset", [None, 2])
+def test_snapshot_gives_the_penalty_of_stored_targets(kind, lookahead, subset):
+    """The regularizer keeps the hypernetwork's parameters at the task start instead of the ``[P, N]``
+    targets; its penalty and gradients (direct and algebraic forms) equal those of the targets stored at the
+    task start (what the earlier version kept), in float64, at several training steps away from the start,
+    with the lookahead and random subsets of the past tasks."""
+    m, reg = _reg_hnet(kind, torch.float64, lookahead=lookahead, max_past_tasks=subset)
+    _start_task(m, reg, 4)
+    stored = OutputRegularizer(beta=0.5, lookahead=lookahead, max_past_tasks=subset, form="direct")
+    stored.targets = m.generate(range(4)).detach().clone()
+    assert reg.targets is None and reg.stored_numel() == sum(p.numel() for p in m.hypernetwork.parameters())
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.01)
+    g = torch.Generator().manual_seed(2)
+    params = list(m.hypernetwork.parameters())
+    m.train()
+    subsets = set()
+    for step in range(4):
+        m.steps_before_task = step  # another random subset at each step
+        x, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)
+        task_loss = m.loss(m(x, torch.full((8,), 4)), y)
+        expected = stored.penalty(m, None)
+        g_expected = torch.autograd.grad(expected, params, retain_graph=True)
+        subsets.add(tuple(reg.subset(m).tolist()))
+        for form in ("direct", "algebraic"):
+            reg.form = form
+            value = reg.penalty(m, None)
+            torch.testing.assert_close(value, expected, rtol=1e-7, atol=1e-18)
+            for ga, ge in zip(torch.autograd.grad(value, params, retain_graph=True), g_expected, strict=True):
+                torch.testing.assert_close(ga, ge, rtol=1e-6, atol=1e-12)
+        if step:
+            assert expected.item() > 0
+        opt.zero_grad()
+        (task_loss + expected).backward()
+        opt.step()
+    assert len(subsets) > 1 if subset else subsets == {(0, 1, 2, 3)}
+
+
+@pytest.mark.parametrize("form", ["direct", "algebraic"])
+def test_stored_values_and_checkpoint_do_not_grow_with_tasks(form, tmp_path):
+    """From the second task to the fifth, the values the regularizer keeps (and checkpoints) stay one
+    hypernetwork's parameters, and its checkpointed state has the same size in bytes."""
+    import io
+
+    m, reg = _reg_hnet("chunked", form=form)
+    one_hnet = sum(p.numel() for p in m.hypernetwork.parameters())
+    counts, sizes = [], []
+    for task in range(1, 5):
+        _start_task(m, reg, task)
+        _drift(m, 1e-2)
+        assert reg.penalty(m, None).item() > 0
+        buffer = io.BytesIO()
+        torch.save(reg.state_dict(), buffer)
+        counts.append(reg.stored_numel())
+        sizes.append(len(buffer.getvalue()))
+    assert counts == [one_hnet] * 4 and one_hnet < 4 * m.hypernetwork.num_target_weights  # (4 stored targets)
+    assert max(sizes) - min(sizes) <= 16, sizes  # (the task counters)

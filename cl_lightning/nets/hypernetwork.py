@@ -223,10 +223,12 @@ class HyperNetwork(nn.Module):
         return h.unsqueeze(1)
 
     # ------------------------------------------------------------------ output regularizer, algebraic form
-    def output_reference(self, embeddings: Tensor, targets: Tensor | None = None) -> tuple[OutputReference, Tensor]:
+    def output_reference(self, embeddings: Tensor, targets: Tensor | None = None,
+                         params: Mapping[str, Tensor] | None = None) -> tuple[OutputReference, Tensor]:
         """Snapshot for :meth:`output_penalty`: the last layer and the last hidden activations of
-        ``embeddings`` ``[P, E]`` now; also returns the weights they generate, ``[P, N]`` (the same values
-        as ``self(embeddings)``, from the same pass).
+        ``embeddings`` ``[P, E]`` now (or under ``params``, name -> tensor, e.g. a copy of the parameters
+        taken at a task start); also returns the weights they generate, ``[P, N]`` (the same values as
+        ``self(embeddings)``, from the same pass).
 
         Without ``targets`` the targets are those generated weights (the output regularizer at a task
         start): the reference then describes them exactly and holds ``O(K H + P C H)`` values. With
@@ -237,8 +239,9 @@ class HyperNetwork(nn.Module):
         if self.target_shapes is None:
             raise RuntimeError("call set_target_shapes before generating weights")
         with torch.no_grad():
-            z0 = self.last_hidden(embeddings).detach()                   # [P, C, H]
-            w0, b0 = self.out.weight.detach(), self.out.bias.detach()
+            z0 = self.last_hidden(embeddings, params).detach()           # [P, C, H]
+            w0 = self._param(params, "out.weight_t").detach().T
+            b0 = self._param(params, "out.bias").detach()
             raw0 = F.linear(z0, w0, b0)                                   # [P, C, K]
             weights = self._to_weights(self._flat(raw0))
             bounds, seg_weight, s = self._penalty_layout()
@@ -294,7 +297,8 @@ class HyperNetwork(nn.Module):
 
         A rough cost model, per output of the last layer (``K`` of them): the algebraic form's Gram
         products and their backward, ``2 (2H+1)(H+1)`` multiply-adds, whatever ``rows``; the direct form,
-        for each of ``rows * C`` chunks, ``3H`` multiply-adds (forward and backward of the last layer) and
+        for each of ``rows * C`` chunks, ``4H`` multiply-adds (the targets' forward from the task start's
+        parameters, the forward and backward of the last layer) and
         its elementwise passes over the generated weights (memory-bound; ``_ELEMENTWISE_COST``
         multiply-adds per weight, as measured on a CPU). So a chunked hypernetwork with many chunks is cheaper
         algebraically from the first past task on, a full one (``C = 1``) with a wide last hidden layer
@@ -302,7 +306,7 @@ class HyperNetwork(nn.Module):
         """
         H = self.out.in_features
         C = math.ceil(self.num_outputs / self.out.out_features)
-        algebraic, direct = 2 * (2 * H + 1) * (H + 1), rows * C * (3 * H + _ELEMENTWISE_COST)
+        algebraic, direct = 2 * (2 * H + 1) * (H + 1), rows * C * (4 * H + _ELEMENTWISE_COST)
         return algebraic < direct
 
     def output_penalty(self, embeddings: Tensor, reference: OutputReference, rows: Tensor | None = None,
