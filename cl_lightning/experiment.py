@@ -193,9 +193,6 @@ def run(overrides: Sequence[str]) -> dict[str, Any]:
             print(f"\n{stop} after {done} of {datamodule.info.num_tasks} tasks; nothing finished is lost. "
                   f"Continue with:\n  python train.py resume={run_dir}", file=sys.stderr)
         raise
-    if runner.is_global_zero:
-        print(f"\nRun folder: {run_dir}\nACC {metrics['ACC']:.4f}  BWT {metrics['BWT']}  "
-              f"FWT {metrics['FWT']}  forgetting {metrics['forgetting']}")
     for logger in loggers:
         if isinstance(logger, WandbLogger) and runner.is_global_zero:
             logger.experiment.finish()
