@@ -48,7 +48,7 @@ def check_quiet(stdout, stderr):
 @pytest.mark.slow
 def test_a_logged_split_mnist_run_tells_what_happened(mnist_root, tmp_path):
     out = tmp_path / "run"
-    stdout, stderr = train_log(out, "method=finetune", "benchmark.num_tasks=3", "benchmark.train_samples_per_task=256",
+    stdout, stderr = train_log(out, "method=finetune", "benchmark.train_samples_per_task=128",
                                "benchmark.batch_size=64", "benchmark.eval_batch_size=1000", "trainer.max_epochs=2",
                                "method.backbone.hidden_sizes=[32]", mnist_root=mnist_root)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -57,30 +57,29 @@ def test_a_logged_split_mnist_run_tells_what_happened(mnist_root, tmp_path):
     check_quiet(stdout, stderr)
 
     # the banner, once, before anything else
-    assert lines[0] == "== finetune on split_mnist (task-IL) · 3 tasks · seed 0"
+    assert lines[0] == "== finetune on split_mnist (task-IL) · 5 tasks · seed 0"
     assert lines[1] == f"   run folder: {out}"
     assert sum(line.startswith("== ") for line in lines) == 1
 
     # a line per epoch (2 per task), then a line per task with its accuracy and the mean over seen tasks
-    epoch_line = re.compile(r"^  Task \d/3 · epoch \d/2 · step \d+ · loss [\d.]+ · [\d.]+ s$")
+    epoch_line = re.compile(r"^  Task \d/5 · epoch \d/2 · step \d+ · loss [\d.]+ · [\d.]+ s$")
     epochs = [line for line in lines if epoch_line.match(line)]
-    assert [e.split(" · ")[:2] for e in epochs] == [[f"  Task {t}/3", f"epoch {e}/2"] for t in (1, 2, 3)
+    assert [e.split(" · ")[:2] for e in epochs] == [[f"  Task {t}/5", f"epoch {e}/2"] for t in range(1, 6)
                                                     for e in (1, 2)]
     tasks = [TASK_LINE.match(line) for line in lines if line.startswith("Task ")]
-    assert all(tasks) and [m.group(1, 2, 3, 4) for m in tasks] == [("1", "3", "0-1", "acc"), ("2", "3", "2-3", "acc"),
-                                                                    ("3", "3", "4-5", "acc")]
+    names = ["0-1", "2-3", "4-5", "6-7", "8-9"]
+    assert all(tasks) and [m.group(1, 2, 3, 4) for m in tasks] == [(str(t + 1), "5", names[t], "acc") for t in range(5)]
     for t, m in enumerate(tasks):
         assert float(m.group(5)) == pytest.approx(100 * R[t, t], abs=0.006)
         assert float(m.group(6)) == pytest.approx(100 * R[t, : t + 1].mean(), abs=0.006)
-    assert lines.index(epochs[1]) < lines.index(next(x for x in lines if x.startswith("Task 1/3")))
+    assert lines.index(epochs[1]) < lines.index(next(x for x in lines if x.startswith("Task 1/5")))
 
     # the matrix as a table, the summary rounded, and where the outputs are
     head = lines.index("accuracy (%), row: after training task, column: evaluated on task")
-    table = [line.split() for line in lines[head + 1: head + 5]]
-    assert table[0] == ["after", "0-1", "2-3", "4-5"]
-    assert [row[0] for row in table[1:]] == ["0-1", "2-3", "4-5"]
+    table = [line.split() for line in lines[head + 1: head + 7]]
+    assert table[0] == ["after", *names] and [row[0] for row in table[1:]] == names
     np.testing.assert_allclose(np.asarray([row[1:] for row in table[1:]], dtype=float), 100 * R, atol=0.006)
-    summary = lines[head + 5]
+    summary = lines[head + 7]
     assert summary.startswith(f"ACC {100 * metrics['ACC']:.2f} · BWT {100 * metrics['BWT']:+.2f} · ")
     assert lines[-2:] == [f"heatmap: {out / 'accuracy_matrix.png'}", f"metrics: {out / 'metrics.json'}"]
 
