@@ -62,7 +62,7 @@ def test_a_logged_split_mnist_run_tells_what_happened(mnist_root, tmp_path):
     assert sum(line.startswith("== ") for line in lines) == 1
 
     # a line per epoch (2 per task), then a line per task with its accuracy and the mean over seen tasks
-    epoch_line = re.compile(r"^  Task \d/5 · epoch \d/2 · step \d+ · loss [\d.]+ · [\d.]+ s$")
+    epoch_line = re.compile(r"^  Task \d/5 · epoch \d/2 · step \d+ · loss [\d.e+-]+ · [\d.]+ s$")
     epochs = [line for line in lines if epoch_line.match(line)]
     assert [e.split(" · ")[:2] for e in epochs] == [[f"  Task {t}/5", f"epoch {e}/2"] for t in range(1, 6)
                                                     for e in (1, 2)]
