@@ -219,9 +219,6 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
                   f"Continue with:\n  python train.py resume={run_dir}\n  (or: cl-lightning --resume {run_dir})",
                   file=sys.stderr)
         raise
-    if runner.is_global_zero:
-        print(f"\nRun folder: {run_dir}\nACC {metrics['ACC']:.4f}  BWT {metrics['BWT']}  "
-              f"FWT {metrics['FWT']}  forgetting {metrics['forgetting']}")
     for logger in loggers:
         if isinstance(logger, WandbLogger) and runner.is_global_zero:
             logger.experiment.finish()

@@ -10,7 +10,6 @@ this whole loop.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import random
@@ -24,7 +23,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
@@ -32,24 +31,8 @@ from cl_lightning.config import RUNNER_OWNED_TRAINER_KEYS
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.metrics import adaptation_rate_integral, summarize
 from cl_lightning.outputs import log_final, log_task_row, write_run_files
+from cl_lightning.terminal import Terminal, progress_callback, quiet_run
 from datamodules.base import ContinualDataModule
-
-
-class _DropRepeatedNotices(logging.Filter):
-    """Hides Lightning notices that a per-task Trainer would print again at every task."""
-
-    NOTICES = ("The following callbacks returned in `LightningModule.configure_callbacks`", "💡 Tip")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOTICES)
-
-
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropRepeatedNotices())
-# tensors already in memory need no loader workers; per-task checkpoint folders are reused on resume
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*exists and is not empty.*")
-warnings.filterwarnings("ignore", ".*Total length of `list` across ranks is zero.*")  # no validation split
-
 
 
 def rng_states() -> dict[str, Any]:
@@ -181,19 +164,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0][:200]})") from None
 
 
-class TaskProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, titled with the task: ``Task 2/5 · Epoch 0``."""
-
-    def __init__(self, task: int, num_tasks: int, refresh_rate: int = 1):
-        super().__init__(refresh_rate=refresh_rate)
-        self.task, self.num_tasks = task, num_tasks
-
-    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        title = f"Task {self.task + 1}/{self.num_tasks} · Epoch {trainer.current_epoch}"
-        self.train_progress_bar.set_description(title)
-
-
 class ContinualRunner:
     """Runs a continual experiment into ``run_dir``; :meth:`run` returns the metrics it wrote."""
 
@@ -216,6 +186,8 @@ class ContinualRunner:
         self.method_name = method_name or type(model).__name__
         self.config = config or {}
         self.record = RunRecord()
+        #: The banner, task lines and final table on stdout (rank 0 only).
+        self.terminal = Terminal(enabled=self.is_global_zero)
         self.info = datamodule.info
         L.seed_everything(seed, verbose=False)  # parameters created by setup_tasks start from the seed too
         model.setup_tasks(self.info)
@@ -239,7 +211,8 @@ class ContinualRunner:
     def make_trainer(self, task: int, train: bool = True) -> L.Trainer:
         callbacks: list[L.Callback] = [self.record]
         if self.trainer_kwargs.get("enable_progress_bar", True):
-            callbacks.append(TaskProgressBar(task, self.info.num_tasks))
+            # a tqdm bar on a terminal, a line per epoch in a log (terminal.py)
+            callbacks.append(progress_callback(task, self.info.num_tasks))
         if train:
             # one file, overwritten at every epoch end: the point to resume inside this task
             callbacks.append(TaskCheckpoint(self.task_ckpt_dir(task)))
@@ -312,8 +285,15 @@ class ContinualRunner:
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> dict[str, Any]:
+        """Trains the tasks not finished yet (all, unless ``resume``) and writes the run's outputs."""
+        with quiet_run():  # Lightning's per-Trainer lines and known warnings, for this run only (terminal.py)
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         T = self.info.num_tasks
         start = self.restore_latest() + 1 if resume else 0
+        self.terminal.banner(self.method_name, self.info.name, self.info.scenario.value, T, self.seed, self.run_dir,
+                             resumed_after=start - 1 if resume else None)
         trainer = None
         if self.record.baseline is None:  # scores of the untrained model, for FWT
             L.seed_everything(self.seed, verbose=False)
@@ -339,6 +319,8 @@ class ContinualRunner:
                 log_task_row(self.loggers, t, row, self.metric_prefix, self.record.steps,
                              {"ACC_seen": float(np.mean(R[-1, : t + 1])), "ARI": ari})
                 self.write_progress()
+                self.terminal.task_line(t, T, self.info.tasks[t].name.rsplit("/", 1)[-1], row,
+                                        self.info.is_regression, time.perf_counter() - began)
         if trainer is None:  # resumed a finished run
             trainer = self.make_trainer(T - 1, train=False)
         return self.finish(trainer)
@@ -379,4 +361,5 @@ class ContinualRunner:
             names = [t.name for t in self.info.tasks]
             paths = write_run_files(self.run_dir, metrics, names)
             log_final(self.loggers, metrics, names, paths["png"], self.config)
+            self.terminal.summary(metrics, names, paths)
         return metrics
