@@ -44,6 +44,8 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r".*exists and is not empty", UserWarning),
     # a benchmark without a validation split
     (r".*Total length of `list` across ranks is zero", UserWarning),
+    # frozen modules kept in eval mode on purpose (MARK's trained feature extractors, frozen backbones)
+    (r".*module\(s\) in eval mode at the start of training", UserWarning),
 )
 
 

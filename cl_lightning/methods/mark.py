@@ -30,7 +30,6 @@ Task-IL only (each task is evaluated with its own F/M/C and the current KB).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,9 +42,6 @@ from cl_lightning.callback import ContinualCallback
 from cl_lightning.methods.base import ContinualModule, make_optimizer, per_task_outputs
 from cl_lightning.nets.mark import FeatureExtractor, KnowledgeBase, MaskFunctions
 from cl_lightning.tasks import BenchmarkInfo, Scenario
-
-# frozen feature extractors are kept in eval mode on purpose
-warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
 
 KB_UPDATES = ("meta", "normal", "none")
 PHASES = ("features", "pretrain", "masks", "meta", "kb", "final")
