@@ -43,10 +43,15 @@ def run_tasks(model, datamodule, run_dir, seed: int = 0, resume: bool = False, *
     return ContinualRunner(model, datamodule, run_dir, trainer_kwargs=kwargs, seed=seed).run(resume=resume)
 
 
-def train_py(args: list[str], out: Path, mnist_root: Path | None = None) -> dict:
+def train_py(args: list[str], out: Path, mnist_root: Path | None = None, threads: int | None = None) -> dict:
     """``python train.py ARGS`` on CPU without logger or progress bar, writing to ``out``; returns the run's
-    ``metrics.json``. With ``mnist_root``: on 2 tasks of 512 MNIST images from there, in batches of 64."""
+    ``metrics.json``. With ``mnist_root``: on 2 tasks of 512 MNIST images from there, in batches of 64.
+    ``threads``: torch's CPU threads (Lightning's DDP gives each of 2 processes one thread on this 2-core
+    machine, so a one-process run compared with DDP bit for bit needs ``threads=1``: float summation order
+    depends on the thread count)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.pop("CL_LIGHTNING_RUN_DIR", None)
     mnist: list[str] = []
     if mnist_root is not None:

@@ -110,7 +110,8 @@ def test_loggers_say_mse_for_regression_and_acc_for_classification(tmp_path):
     for prefix, seen in (("mse", "cl/MSE_seen"), ("acc", "cl/ACC_seen")):
         recorder = Recorder()
         log_task_row([recorder], 1, [0.1, 0.2], prefix, 10, {"ACC_seen": 0.15, "ARI": None})
-        assert recorder.metrics == {f"{prefix}/task_0": 0.1, f"{prefix}/task_1": 0.2, seen: 0.15, "task": 1.0}
+        assert recorder.metrics == {f"{prefix}/task_0": 0.1, f"{prefix}/task_1": 0.2, seen: 0.15, "task": 1.0,
+                                    "step": 10.0}
 
     R = [[0.1, 0.2], [0.1, 0.05]]
     metrics = {"R": R, "metric": "mse", "ACC": 0.075, "BWT": 0.0, "FWT": None, "forgetting": 0.0,
