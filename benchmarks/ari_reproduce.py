@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +23,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import data_dir  # noqa: E402
+from benchmarks.common import data_dir, timed_run  # noqa: E402
 from cl_lightning.config import compose  # noqa: E402
-from cl_lightning.experiment import build  # noqa: E402
-from cl_lightning.runner import ContinualRunner  # noqa: E402
 
 PAPER = {  # (ACC, F) in %, the paper's Table 1 / Table 2
     "split": {"ari": (88.7, 0.5), "ari_random": (60.1, 40.1)},
@@ -58,13 +54,7 @@ def runs(key: str) -> dict[str, list[str]]:
 def run(overrides: list[str], seed: int) -> tuple[dict, object]:
     cfg = compose([*overrides, "logger=none", f"data_dir={data_dir()}", "trainer.enable_progress_bar=false",
                    f"seed={seed}"])
-    model, dm = build(cfg)
-    with tempfile.TemporaryDirectory() as run_dir:
-        runner = ContinualRunner(model, dm, run_dir, trainer_kwargs=cfg["trainer"], seed=cfg["seed"])
-        began = time.perf_counter()
-        metrics = runner.run()
-        metrics["wall_seconds"] = time.perf_counter() - began
-    return metrics, model
+    return timed_run(cfg)
 
 
 def main() -> None:

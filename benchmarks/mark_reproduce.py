@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import data_dir  # noqa: E402
+from benchmarks.common import data_dir, timed_run  # noqa: E402
 from callbacks.mark_meta_update import (  # noqa: E402
     InnerConfig,
     MiniTasks,
@@ -39,9 +38,7 @@ from callbacks.mark_meta_update import (  # noqa: E402
     inner_loop_vectorised,
 )
 from cl_lightning.config import compose  # noqa: E402
-from cl_lightning.experiment import build  # noqa: E402
 from cl_lightning.nets.mark import KnowledgeBase, MaskFunctions  # noqa: E402
-from cl_lightning.runner import ContinualRunner  # noqa: E402
 
 #: Split CIFAR-100 20 x 5 (task-IL), ACC / BWT in %: the paper (3 runs) and the report's re-implementation.
 PAPER = {"mark": (78.31, -0.27)}
@@ -76,13 +73,7 @@ def run(benchmark: str, name: str, seed: int) -> tuple[dict, object]:
     meta = NO_PLUGINS not in extra
     cfg = compose([f"experiment=mark_{benchmark}", *SCALE, *(META_SCALE if meta else []), *extra, "logger=none",
                    f"data_dir={data_dir()}", "trainer.enable_progress_bar=false", f"seed={seed}"])
-    model, dm = build(cfg)
-    with tempfile.TemporaryDirectory() as run_dir:
-        runner = ContinualRunner(model, dm, run_dir, trainer_kwargs=cfg["trainer"], seed=cfg["seed"])
-        began = time.perf_counter()
-        metrics = runner.run()
-        metrics["wall_seconds"] = time.perf_counter() - began
-    return metrics, model
+    return timed_run(cfg)
 
 
 def speed(repeats: int = 3) -> None:

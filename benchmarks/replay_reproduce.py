@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +22,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import data_dir  # noqa: E402
+from benchmarks.common import data_dir, timed_run  # noqa: E402
 from cl_lightning.config import compose  # noqa: E402
-from cl_lightning.experiment import build  # noqa: E402
-from cl_lightning.runner import ContinualRunner  # noqa: E402
 
 #: von Oswald et al. 2020, Table 1 (Split-MNIST, mean +- std over their seeds): (CL1, CL2, CL3).
 PAPER = {"hnet_r": ((99.83, 0.01), (98.00, 0.03), (95.30, 0.13)), "dgr": ((99.61, 0.02), (96.83, 0.20), (91.79, 0.32)),
@@ -44,13 +40,7 @@ def run(method: str, cl: int, seed: int, steps: int, samples: int | None) -> dic
     if samples is not None:
         overrides.append(f"benchmark.train_samples_per_task={samples}")
     cfg = compose(overrides)
-    model, dm = build(cfg)
-    with tempfile.TemporaryDirectory() as run_dir:
-        runner = ContinualRunner(model, dm, run_dir, trainer_kwargs=cfg["trainer"], seed=cfg["seed"])
-        began = time.perf_counter()
-        metrics = runner.run()
-        metrics["wall_seconds"] = time.perf_counter() - began
-    return metrics
+    return timed_run(cfg)[0]
 
 
 def main() -> None:

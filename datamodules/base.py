@@ -243,6 +243,20 @@ class ContinualDataModule(L.LightningDataModule, ABC):
         return [self.task_dataloader(t, "test") for t in range(self.num_tasks)]
 
 
+def split_by_classes(x: Tensor, y: Tensor, classes: Sequence[int], class_order: Sequence[int], task_id: int,
+                     scenario: Scenario, transform: BatchTransform | None) -> TaskData:
+    """Task ``task_id``'s samples (those of ``classes``), labelled by the class's position in ``class_order``
+    for class-IL (one shared head) or by its position inside the task for task- and domain-IL."""
+    wanted = torch.tensor(list(classes))
+    keep = torch.isin(y, wanted)
+    position = torch.empty(len(class_order), dtype=torch.long)
+    position[torch.tensor(list(class_order))] = torch.arange(len(class_order))
+    labels = position[y[keep]]
+    if scenario is not Scenario.CLASS_IL:
+        labels = labels - task_id * len(wanted)
+    return TaskData(x[keep], labels, task_id, transform)
+
+
 def equal_class_split(class_order: Sequence[int], num_tasks: int, key: str = "num_tasks") -> list[tuple[int, ...]]:
     """Cuts a class order into ``num_tasks`` groups of equal size, or says why it cannot."""
     n = len(class_order)

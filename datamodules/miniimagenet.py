@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cl_lightning.tasks import Scenario, Task
-from datamodules.base import ContinualDataModule, TaskData, check_class_order, equal_class_split
+from cl_lightning.tasks import Task
+from datamodules.base import ContinualDataModule, TaskData, check_class_order, equal_class_split, split_by_classes
 from datamodules.cifar import _Normalize
 from datamodules.mnist import DataNotFoundError, default_data_dir
 
@@ -81,11 +81,5 @@ class SplitMiniImageNet(ContinualDataModule):
 
     def _task_split(self, task_id: int, split: str) -> TaskData:
         x, y = self._data[split]
-        classes = torch.tensor(self.groups[task_id])
-        keep = torch.isin(y, classes)
-        position = torch.empty(self.num_classes, dtype=torch.long)
-        position[torch.tensor(self.class_order)] = torch.arange(self.num_classes)
-        labels = position[y[keep]]
-        if self.scenario is not Scenario.CLASS_IL:
-            labels = labels - task_id * len(classes)
-        return TaskData(x[keep], labels, task_id, self.normalize)
+        return split_by_classes(x, y, self.groups[task_id], self.class_order, task_id, self.scenario,
+                                self.normalize)

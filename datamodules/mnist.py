@@ -28,6 +28,7 @@ from datamodules.base import (
     TaskData,
     check_class_order,
     equal_class_split,
+    split_by_classes,
 )
 
 
@@ -148,14 +149,8 @@ class SplitMNIST(_MNISTFamily):
 
     def _task_split(self, task_id: int, split: str) -> TaskData:
         x, y = self._raw(split)
-        classes = torch.tensor(self.groups[task_id])
-        keep = torch.isin(y, classes)
-        position = torch.empty(10, dtype=torch.long)
-        position[torch.tensor(self.class_order)] = torch.arange(10)
-        labels = position[y[keep]]
-        if self.scenario is not Scenario.CLASS_IL:
-            labels = labels - task_id * len(classes)
-        return TaskData(x[keep], labels, task_id, to_unit_range)
+        return split_by_classes(x, y, self.groups[task_id], self.class_order, task_id, self.scenario,
+                                to_unit_range)
 
 
 class SplitFashionMNIST(SplitMNIST):
