@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from cl_lightning.callback import ContinualCallback
-from cl_lightning.methods.base import FUSED_DEVICES, OPTIMIZERS, ContinualModule, per_task_outputs
+from cl_lightning.methods.base import ContinualModule, make_optimizer, per_task_outputs
 from cl_lightning.nets.functional import FunctionalTarget
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
 from cl_lightning.nets.vae import VAEEncoder, decoder_body, decoder_input, vae_loss
@@ -98,11 +98,7 @@ class VAEReplayModule(ContinualModule):
         kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.optimizer_name == "sgd":
             kwargs["momentum"] = self.momentum
-        groups = [g for g in groups if g["params"]]
-        try:  # torch's fused kernel where it has one (as make_optimizer), else the plain one
-            return OPTIMIZERS[self.optimizer_name](groups, fused=self.device.type in FUSED_DEVICES, **kwargs)
-        except (RuntimeError, ValueError, TypeError):
-            return OPTIMIZERS[self.optimizer_name](groups, **kwargs)
+        return make_optimizer(self.optimizer_name, [g for g in groups if g["params"]], **kwargs)
 
     # ------------------------------------------------------------------ the replay model
     def decode(self, z: Tensor, tasks: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
