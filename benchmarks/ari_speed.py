@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import data_dir  # noqa: E402
-from callbacks import ARIConsolidation  # noqa: E402
+from cl_lightning.callbacks import ARIConsolidation  # noqa: E402
+from cl_lightning.datamodules import SplitMNIST  # noqa: E402
 from cl_lightning.methods import ARILearner  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
-from datamodules import SplitMNIST  # noqa: E402
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import data_dir  # noqa: E402
-from callbacks import (  # noqa: E402
+from cl_lightning.callbacks import (  # noqa: E402
     AGEM,
     EWC,
     GEM,
@@ -39,11 +39,11 @@ from callbacks import (  # noqa: E402
     LwF,
     RehearsalPlugin,
 )
-from callbacks.icarl import ICaRLExemplars  # noqa: E402
+from cl_lightning.callbacks.icarl import ICaRLExemplars  # noqa: E402
+from cl_lightning.datamodules import PermutedMNIST, SplitMNIST  # noqa: E402
 from cl_lightning.methods import ERACE, ContinualModule, GDumb, ICaRL  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
 from cl_lightning.runner import ContinualRunner  # noqa: E402
-from datamodules import PermutedMNIST, SplitMNIST  # noqa: E402
 
 
 def pmnist_methods(tasks: int, batch: int) -> dict:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks import EWC  # noqa: E402
+from cl_lightning.callbacks import EWC  # noqa: E402
 from cl_lightning.methods import ContinualModule  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
 from cl_lightning.tasks import BenchmarkInfo, Scenario, Task  # noqa: E402

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks.gradient_sign import GradientSignFilter  # noqa: E402
+from cl_lightning.callbacks.gradient_sign import GradientSignFilter  # noqa: E402
+from cl_lightning.datamodules.mnist import PermutedMNIST  # noqa: E402
 from cl_lightning.methods.base import ContinualModule  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
 from cl_lightning.runner import ContinualRunner  # noqa: E402
-from datamodules.mnist import PermutedMNIST  # noqa: E402
 
 PAPER = "no forgetting, some positive backward transfer (Fig. 1 curves; no numbers given)"
 

@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from callbacks.hnet_regularizer import OutputRegularizer  # noqa: E402
+from cl_lightning.callbacks.hnet_regularizer import OutputRegularizer  # noqa: E402
 from cl_lightning.methods.hnet import HNET  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork  # noqa: E402

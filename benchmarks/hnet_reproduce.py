@@ -90,7 +90,7 @@ def plot_poly(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from datamodules.poly_regression import FUNCTIONS
+    from cl_lightning.datamodules.poly_regression import FUNCTIONS
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
     for ax, (beta, (_, model)) in zip(axes, results.items(), strict=True):
@@ -112,7 +112,7 @@ def plot_poly(results: dict, path: Path) -> None:
 def cmd_regcost(args: argparse.Namespace) -> None:
     """Time of one training step (task loss + regularizer, forward + backward + Adam) as the number of past
     tasks grows, all past tasks vs a random subset of K, on the Permuted-MNIST setting."""
-    from callbacks.hnet_regularizer import OutputRegularizer
+    from cl_lightning.callbacks.hnet_regularizer import OutputRegularizer
     from cl_lightning.methods.hnet import HNET
     from cl_lightning.nets import MLP
     from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork

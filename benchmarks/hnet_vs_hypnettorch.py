@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import data_dir  # noqa: E402
-from callbacks.hnet_regularizer import OutputRegularizer  # noqa: E402
+from cl_lightning.callbacks.hnet_regularizer import OutputRegularizer  # noqa: E402
+from cl_lightning.datamodules.mnist import SplitMNIST  # noqa: E402
 from cl_lightning.methods.hnet import HNET  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork  # noqa: E402
-from datamodules.mnist import SplitMNIST  # noqa: E402
 
 
 def batches(dm: SplitMNIST, task: int, steps: int, batch: int, seed: int):

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import data_dir, timed_run  # noqa: E402
-from callbacks.mark_meta_update import (  # noqa: E402
+from cl_lightning.callbacks.mark_meta_update import (  # noqa: E402
     InnerConfig,
     MiniTasks,
     inner_loop_sequential,

@@ -23,11 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import data_dir  # noqa: E402
+from cl_lightning.datamodules import SplitMNIST  # noqa: E402
 from cl_lightning.methods import DGR, HNETR, VAEReplayModule  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork  # noqa: E402
 from cl_lightning.nets.vae import vae_loss  # noqa: E402
-from datamodules import SplitMNIST  # noqa: E402
 
 
 def make(kind: str, dm: SplitMNIST) -> VAEReplayModule:

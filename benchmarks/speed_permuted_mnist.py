@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from callbacks import EWC
+from cl_lightning.callbacks import EWC
+from cl_lightning.datamodules import PermutedMNIST
+from cl_lightning.datamodules.mnist import default_data_dir, load_torchvision_split
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
 from cl_lightning.runner import ContinualRunner
-from datamodules import PermutedMNIST
-from datamodules.mnist import default_data_dir, load_torchvision_split
 
 
 def plain_loop(tasks: int, data_dir: str, ewc_strength: float | None, fisher_samples: int, seed: int) -> float:

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cl_lightning.datamodules.mnist import PermutedMNIST, RotatedMNIST  # noqa: E402
 from cl_lightning.methods.impresslearn import ImpressLearn  # noqa: E402
 from cl_lightning.methods.supsup import SupSup  # noqa: E402
 from cl_lightning.nets.masked import MaskedLeNet300100  # noqa: E402
-from datamodules.mnist import PermutedMNIST, RotatedMNIST  # noqa: E402
 
 
 def task_tensors(dm, t: int, n_test: int) -> tuple[torch.Tensor, ...]:

@@ -18,13 +18,13 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-import callbacks  # noqa: F401  (registers the plugins for --help and class-name lookup)
+import cl_lightning.callbacks  # noqa: F401  (registers the plugins for --help and class-name lookup)
+import cl_lightning.datamodules  # noqa: F401
 import cl_lightning.methods  # noqa: F401
-import datamodules  # noqa: F401
 from cl_lightning.config import RUNNER_OWNED_TRAINER_KEYS, ConfigError, available, load_group_file, validate
+from cl_lightning.datamodule import ContinualDataModule
 from cl_lightning.experiment import guarded, resolve_config, run_config
 from cl_lightning.methods.base import ContinualModule
-from datamodules.base import ContinualDataModule
 
 
 class ContinualCLI(LightningCLI):

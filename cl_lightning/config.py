@@ -16,6 +16,7 @@ import collections.abc
 import contextlib
 import difflib
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
@@ -203,10 +204,32 @@ def link_data_dir(cfg: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- validate
+#: Module paths before the plugins and benchmarks moved under ``cl_lightning`` (old configs and run folders
+#: name them); the first matching prefix is rewritten.
+LEGACY_MODULES = (("datamodules.base", "cl_lightning.datamodule"), ("datamodules", "cl_lightning.datamodules"),
+                  ("callbacks", "cl_lightning.callbacks"))
+
+
+def current_module(module_name: str) -> str:
+    """Where an old module path lives now (unchanged when it is not one, or when it is a project's own
+    top-level ``callbacks``/``datamodules`` module that the package never had)."""
+    for old, new in LEGACY_MODULES:
+        if module_name == old or module_name.startswith(old + "."):
+            moved = new + module_name[len(old):]
+            try:
+                if importlib.util.find_spec(moved) is not None:
+                    return moved
+            except ImportError:
+                pass
+            return module_name
+    return module_name
+
+
 def import_class(class_path: str, where: str) -> type:
     module_name, _, name = str(class_path).rpartition(".")
     if not module_name:
         raise ConfigError(f"{where}.class_path={class_path!r} must be a dotted path like package.module.Class")
+    module_name = current_module(module_name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

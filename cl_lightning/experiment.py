@@ -24,9 +24,9 @@ import yaml
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from cl_lightning.config import ConfigError, compose, instantiate
+from cl_lightning.datamodule import ContinualDataModule, DataError
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.runner import ContinualRunner
-from datamodules.base import ContinualDataModule, DataError
 
 RUN_DIR_ENV = "CL_LIGHTNING_RUN_DIR"
 

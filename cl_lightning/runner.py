@@ -28,11 +28,11 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from cl_lightning.config import RUNNER_OWNED_TRAINER_KEYS
+from cl_lightning.datamodule import ContinualDataModule
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.metrics import adaptation_rate_integral, summarize
 from cl_lightning.outputs import log_final, log_task_row, write_run_files
 from cl_lightning.terminal import Terminal, progress_callback, quiet_run
-from datamodules.base import ContinualDataModule
 
 
 def rng_states() -> dict[str, Any]:

@@ -46,6 +46,18 @@ class Task:
 
 
 @dataclass(frozen=True)
+class Description:
+    """What a benchmark says of itself before loading data, whatever the scenario (a benchmark's
+    :meth:`~cl_lightning.datamodule.ContinualDataModule.describe`)."""
+
+    name: str
+    tasks: tuple[Task, ...]
+    input_shape: tuple[int, ...]
+    outputs_per_task: int
+    problem: str = "classification"  # or "regression"
+
+
+@dataclass(frozen=True)
 class BenchmarkInfo:
     """Static description of a benchmark, available before its data is loaded.
 

@@ -46,6 +46,8 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r".*Total length of `list` across ranks is zero", UserWarning),
     # frozen modules kept in eval mode on purpose (MARK's trained feature extractors, frozen backbones)
     (r".*module\(s\) in eval mode at the start of training", UserWarning),
+    # GDumb skips the stream's steps on purpose (it trains from its memory at the task end)
+    (r".*`training_step` returned `None`", UserWarning),
 )
 
 

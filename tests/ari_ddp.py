@@ -14,8 +14,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from callbacks import ARIConsolidation  # noqa: E402
 from cl_lightning.callback import ContinualCallback  # noqa: E402
+from cl_lightning.callbacks import ARIConsolidation  # noqa: E402
 from cl_lightning.runner import ContinualRunner  # noqa: E402
 from tests.test_ari import blobs, small_learner  # noqa: E402
 

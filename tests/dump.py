@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from callbacks import EWC
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks import EWC
 
 
 class DumpEWCPrecision(ContinualCallback):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from callbacks.rehearsal import RehearsalPlugin
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks.rehearsal import RehearsalPlugin
 
 
 class DumpMemory(ContinualCallback):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from callbacks import SI
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks import SI
 
 
 class DumpReplayState(ContinualCallback):

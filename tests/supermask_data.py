@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from cl_lightning.tasks import Scenario, Task
-from datamodules.base import ContinualDataModule, TaskData
+from cl_lightning.datamodule import ContinualDataModule, TaskData
+from cl_lightning.tasks import Description, Scenario, Task
 
 
 class PermutedBlobs(ContinualDataModule):
@@ -18,9 +18,9 @@ class PermutedBlobs(ContinualDataModule):
         self.classes, self.dim, self.spread = classes, dim, spread
         self.samples, self.test_samples = samples, test_samples
 
-    def _describe(self):
-        return "permuted_blobs", tuple(Task(i, f"blobs/{i}") for i in range(self.num_tasks)), (self.dim,), \
-            self.classes, "classification"
+    def describe(self) -> Description:
+        return Description("permuted_blobs", tuple(Task(i, f"blobs/{i}") for i in range(self.num_tasks)),
+                           input_shape=(self.dim,), outputs_per_task=self.classes)
 
     def _load(self) -> None:
         g = torch.Generator().manual_seed(self.seed)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks import ARIConsolidation
+from cl_lightning.callbacks import ARIConsolidation
 from cl_lightning.methods import ARILearner, ContinualModule
 from cl_lightning.metrics import adaptation_rate_integral
 from cl_lightning.nets import MLP, ChunkedHyperNetwork

@@ -10,10 +10,10 @@ import lightning as L
 import numpy as np
 import pytest
 
-from callbacks import EWC
+from cl_lightning.callbacks import EWC
+from cl_lightning.datamodules import PermutedMNIST, SplitMNIST
 from cl_lightning.methods import ContinualModule, JointTraining
 from cl_lightning.nets import MLP
-from datamodules import PermutedMNIST, SplitMNIST
 from tests.conftest import run_tasks
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cl_lightning.config import compose
+from cl_lightning.datamodules.cifar import SplitCIFAR10, SplitCIFAR100, load_cifar_split
+from cl_lightning.datamodules.mnist import DataNotFoundError
 from cl_lightning.experiment import build
-from datamodules.cifar import SplitCIFAR10, SplitCIFAR100, load_cifar_split
-from datamodules.mnist import DataNotFoundError
 from tests.conftest import run_tasks
 
 

@@ -22,7 +22,7 @@ def cli(*args, cwd):
 
 def test_help_is_generated_from_the_signatures(tmp_path):
     out = cli("--model.help", "ContinualModule", cwd=tmp_path).stdout
-    assert "--model.lr" in out and "--model.plugins" in out and "callbacks.EWC" in out
+    assert "--model.lr" in out and "--model.plugins" in out and "cl_lightning.callbacks.EWC" in out
     out = cli("--data.help", "SplitMNIST", cwd=tmp_path).stdout
     assert "--data.num_tasks" in out and "--data.scenario" in out
 
@@ -31,8 +31,8 @@ def test_print_config_of_the_shared_yaml_files(tmp_path):
     proc = cli("--model", EWC, "--data", SPLIT_MNIST,
                "--model.lr", "0.01", "--print_config", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "class_path: callbacks.EWC" in proc.stdout and "lr: 0.01" in proc.stdout
-    assert "class_path: datamodules.SplitMNIST" in proc.stdout
+    assert "class_path: cl_lightning.callbacks.EWC" in proc.stdout and "lr: 0.01" in proc.stdout
+    assert "class_path: cl_lightning.datamodules.SplitMNIST" in proc.stdout
 
 
 def test_cli_run_is_a_train_py_run_and_each_door_resumes_the_other(mnist_root, tmp_path):

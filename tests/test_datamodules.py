@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules import PermutedMNIST, PolynomialRegression, RotatedMNIST, SplitMNIST
-from datamodules.base import ShardedBatchSampler
+from cl_lightning.datamodule import ShardedBatchSampler
+from cl_lightning.datamodules import PermutedMNIST, PolynomialRegression, RotatedMNIST, SplitMNIST
 
 
 def test_sharded_batches_are_the_halves_of_the_single_process_batches():
@@ -96,7 +96,8 @@ def test_poly_regression_tasks_live_on_disjoint_intervals():
 
 def test_a_truncated_idx_file_is_named_with_the_fix(tmp_path):
     from datamodules import DataError
-    from datamodules.mnist import load_torchvision_split
+
+    from cl_lightning.datamodules.mnist import load_torchvision_split
 
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -111,9 +112,9 @@ def test_a_truncated_idx_file_is_named_with_the_fix(tmp_path):
 
 def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
     import torchvision
-
     from datamodules import DataNotFoundError
-    from datamodules.mnist import load_torchvision_split
+
+    from cl_lightning.datamodules.mnist import load_torchvision_split
 
     def offline(self, *args, **kwargs):
         (tmp_path / "absent" / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)  # as torchvision does

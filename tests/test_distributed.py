@@ -13,7 +13,8 @@ from tests.conftest import REPO
 
 
 def train(mnist_root, out, dump, *extra):
-    plugins = ("method.plugins=[{class_path: callbacks.EWC, init_args: {strength: 100, fisher_samples: 300}}, "
+    plugins = ("method.plugins=[{class_path: cl_lightning.callbacks.EWC, "
+               "init_args: {strength: 100, fisher_samples: 300}}, "
                f"{{class_path: tests.dump.DumpEWCPrecision, init_args: {{folder: '{dump}'}}}}]")
     cmd = [sys.executable, str(REPO / "train.py"), "method=ewc", f"data_dir={mnist_root}", f"output_dir={out}",
            "logger=none",

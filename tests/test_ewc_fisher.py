@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import EWC
+from cl_lightning.callbacks import EWC
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
 from cl_lightning.tasks import BenchmarkInfo, Scenario, Task

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks import DarkExperienceReplay, ExperienceReplay, LwF
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks import DarkExperienceReplay, ExperienceReplay, LwF
+from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ERACE, ContinualModule
 from cl_lightning.nets import MLP
-from datamodules import SplitMNIST
 from tests.conftest import run_tasks
 from tests.crash import CrashAt
 
@@ -114,7 +114,7 @@ def test_resume_with_a_full_memory_matches_an_uninterrupted_run(mnist_root, tmp_
 
 @pytest.mark.parametrize("plugin", [ExperienceReplay(10), LwF()], ids=["er", "lwf"])
 def test_classification_plugins_reject_a_regression_benchmark(tmp_path, plugin):
-    from datamodules.poly_regression import PolynomialRegression
+    from cl_lightning.datamodules.poly_regression import PolynomialRegression
 
     with pytest.raises(ValueError, match="classification benchmark, not poly_regression"):
         run_tasks(ContinualModule(MLP(hidden_sizes=[8]), plugins=[plugin]), PolynomialRegression(num_tasks=2),

@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import ExperienceReplay, RehearsalPlugin
+from cl_lightning.callbacks import ExperienceReplay, RehearsalPlugin
+from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ContinualModule, GDumb
 from cl_lightning.nets import MLP
-from datamodules import SplitMNIST
 from tests.conftest import run_tasks
 
 

@@ -10,12 +10,12 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import AGEM, GEM, GradientSignFilter
-from callbacks.gem import agem_project, gem_project, solve_nonneg_qp
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks import AGEM, GEM, GradientSignFilter
+from cl_lightning.callbacks.gem import agem_project, gem_project, solve_nonneg_qp
+from cl_lightning.datamodules import PermutedMNIST
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
-from datamodules import PermutedMNIST
 from tests.conftest import run_tasks
 
 

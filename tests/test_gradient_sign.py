@@ -8,17 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.gradient_predictor import (
+from cl_lightning.callbacks.gradient_predictor import (
     CoordinatePredictor,
     PredictorTable,
     descent_direction,
     distill_mean,
     fit_predictor,
 )
-from callbacks.gradient_sign import GradientSignFilter
+from cl_lightning.callbacks.gradient_sign import GradientSignFilter
+from cl_lightning.datamodules.mnist import PermutedMNIST
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.nets import MLP
-from datamodules.mnist import PermutedMNIST
 from tests.conftest import run_tasks, train_py
 
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.hnet_regularizer import OutputRegularizer
+from cl_lightning.callbacks.hnet_regularizer import OutputRegularizer
+from cl_lightning.datamodules.poly_regression import PolynomialRegression
 from cl_lightning.methods.hnet import HNET
 from cl_lightning.nets import MLP
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
 from cl_lightning.runner import ContinualRunner
 from cl_lightning.tasks import BenchmarkInfo, Scenario, Task
-from datamodules.poly_regression import PolynomialRegression
 from tests.conftest import run_tasks, train_py
 
 STEPS = 200  # optimizer steps per task on the polynomial toy (one epoch of STEPS batches of 32)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks import ICaRLExemplars
-from callbacks.icarl import herding_order, normalized_features
+from cl_lightning.callbacks import ICaRLExemplars
+from cl_lightning.callbacks.icarl import herding_order, normalized_features
+from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ContinualModule, ICaRL
 from cl_lightning.nets import MLP
-from datamodules import SplitMNIST
 from tests.conftest import run_tasks
 
 

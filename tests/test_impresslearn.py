@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from callbacks.mask_basis import MaskBasisFreezing
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks.mask_basis import MaskBasisFreezing
 from cl_lightning.config import compose
 from cl_lightning.experiment import build
 from cl_lightning.methods.impresslearn import ImpressLearn

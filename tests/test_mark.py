@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks import MARKMetaUpdate
+from cl_lightning.callbacks import MARKMetaUpdate
+from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import MARK
-from datamodules import SplitMNIST
 from tests.conftest import run_tasks, train_py
 from tests.crash import CrashAt
 from tests.mark_dump import DumpMARKState
@@ -120,7 +120,8 @@ def test_ddp_on_two_processes_matches_one_process(mnist_root, tmp_path, monkeypa
     args = ["method=mark", "method.kb_channels=[8,16,16]", "method.latent_dim=32", "method.feature_channels=[8,8]",
             "method.feature_epochs=1", "method.pretrain_epochs=1", "method.mask_epochs=1", "method.final_epochs=1",
             "method.meta_steps=2", "method.lr=0.1", "benchmark.class_order=[0,1,2,3,4,5,6,7,8,9]"]
-    plugin = "{class_path: callbacks.MARKMetaUpdate, init_args: {mini_tasks: 3, inner_steps: 4, batch_size: 32}}"
+    plugin = ("{class_path: cl_lightning.callbacks.MARKMetaUpdate, "
+              "init_args: {mini_tasks: 3, inner_steps: 4, batch_size: 32}}")
 
     def run(name, *extra):
         plugins = f"method.plugins=[{plugin}, {dump % (tmp_path / ('dump_' + name))}]"

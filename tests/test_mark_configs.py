@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from cl_lightning.config import CONFIG_DIR, compose
+from cl_lightning.datamodules.miniimagenet import SplitMiniImageNet, load_miniimagenet_split
+from cl_lightning.datamodules.mnist import DataNotFoundError
 from cl_lightning.experiment import build
-from datamodules.miniimagenet import SplitMiniImageNet, load_miniimagenet_split
-from datamodules.mnist import DataNotFoundError
 from tests.conftest import run_tasks
 from tests.test_cifar import fake_cifar100
 

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from callbacks.mark_meta_update import (
+from cl_lightning.callbacks.mark_meta_update import (
     InnerConfig,
     MARKMetaUpdate,
     MiniTasks,

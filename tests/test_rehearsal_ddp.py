@@ -16,9 +16,9 @@ from tests.conftest import REPO
 
 
 def train(mnist_root, out, dump, *extra):
-    plugins = ("method.plugins=[{class_path: callbacks.DarkExperienceReplay, init_args: "
+    plugins = ("method.plugins=[{class_path: cl_lightning.callbacks.DarkExperienceReplay, init_args: "
                "{memory_size: 100, batch_size: 32, alpha: 0.3, beta: 0.5}}, "
-               "{class_path: callbacks.GEM, init_args: {memory_size: 200}}, "
+               "{class_path: cl_lightning.callbacks.GEM, init_args: {memory_size: 200}}, "
                f"{{class_path: tests.dump_memory.DumpMemory, init_args: {{folder: '{dump}'}}}}]")
     cmd = [sys.executable, str(REPO / "train.py"), "method=derpp", "benchmark=permuted_mnist",
            f"data_dir={mnist_root}", f"output_dir={out}", "logger=none", plugins, "benchmark.num_tasks=2",

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks.generative_replay import Replay, distillation_loss
-from callbacks.hnet_regularizer import OutputRegularizer
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks.generative_replay import Replay, distillation_loss
+from cl_lightning.callbacks.hnet_regularizer import OutputRegularizer
+from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import DGR, HNETR, ContinualModule
 from cl_lightning.nets import MLP
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork
-from datamodules import SplitMNIST
 from tests.conftest import run_tasks, train_py
 from tests.crash import CrashAt
 
@@ -144,8 +144,9 @@ def test_dgr_with_si_on_two_processes_matches_one(mnist_root, tmp_path):
     """The replay path (replayed batches sharded like data, the VAE's noise drawn for the global batch) and
     SI's path integral under 2-process DDP: the result of one process, and the same state on both ranks."""
     def train(out, dump, *extra):
-        plugins = ("method.plugins=[{class_path: callbacks.generative_replay.Replay, init_args: {batch_size: 32}}, "
-                   "{class_path: callbacks.SI, init_args: {strength: 10.0}}, "
+        plugins = ("method.plugins=[{class_path: cl_lightning.callbacks.generative_replay.Replay, "
+                   "init_args: {batch_size: 32}}, "
+                   "{class_path: cl_lightning.callbacks.SI, init_args: {strength: 10.0}}, "
                    f"{{class_path: tests.dump_replay.DumpReplayState, init_args: {{folder: '{dump}'}}}}]")
         return train_py(["method=dgr", plugins, "benchmark.scenario=class", "method.backbone.hidden_sizes=[64]",
                          "method.encoder_hidden=[64]", "method.decoder_hidden=[64]", "method.latent_dim=8",

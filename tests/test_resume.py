@@ -11,10 +11,10 @@ import lightning as L
 import numpy as np
 import pytest
 
-from callbacks import EWC
+from cl_lightning.callbacks import EWC
+from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
-from datamodules import SplitMNIST
 from tests.conftest import REPO, run_tasks
 from tests.crash import CrashAt
 
@@ -45,7 +45,8 @@ def test_resume_inside_a_task_matches_an_uninterrupted_run(mnist_root, tmp_path)
 
 def test_killed_after_a_task_and_resumed_with_train_py(mnist_root, tmp_path):
     marker = tmp_path / "crashed"
-    plugins = ("method.plugins=[{class_path: callbacks.EWC, init_args: {strength: 100, fisher_samples: 200}}, "
+    plugins = ("method.plugins=[{class_path: cl_lightning.callbacks.EWC, "
+               "init_args: {strength: 100, fisher_samples: 200}}, "
                f"{{class_path: tests.crash.CrashAt, init_args: {{task: 3, step: 0, marker: '{marker}'}}}}]")
     common = [sys.executable, str(REPO / "train.py"), "method=ewc", f"data_dir={mnist_root}", "logger=csv", plugins,
               "method.backbone.hidden_sizes=[64]", "benchmark.train_samples_per_task=300",

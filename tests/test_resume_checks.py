@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
-from callbacks import EWC
+from cl_lightning.callbacks import EWC
 from cl_lightning.config import ConfigError, compose
+from cl_lightning.datamodules import PermutedMNIST
 from cl_lightning.experiment import resolve_config
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
-from datamodules import PermutedMNIST
 from tests.conftest import REPO, run_tasks
 from tests.test_kill_resume import with_killer
 

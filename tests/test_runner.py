@@ -7,9 +7,9 @@ import json
 import lightning as L
 import numpy as np
 
+from cl_lightning.datamodules import PolynomialRegression
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
-from datamodules import PolynomialRegression
 from tests.conftest import run_tasks
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks import SI
+from cl_lightning.callbacks import SI
+from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
-from datamodules import SplitMNIST
 from tests.conftest import run_tasks
 from tests.crash import CrashAt
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from cl_lightning.config import compose
+from cl_lightning.datamodules.mnist import PermutedMNIST
 from cl_lightning.experiment import build
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.methods.supsup import SupSup, mask_bytes
-from cl_lightning.nets import LeNet300100
+from cl_lightning.nets import MLP
 from cl_lightning.nets.masked import EdgePopup, MaskedConv2d, MaskedLeNet300100, MaskedLinear, MaskedMLP
-from datamodules.mnist import PermutedMNIST
 from tests.conftest import run_tasks
 from tests.supermask_data import PermutedBlobs
 
@@ -165,7 +165,8 @@ def permuted_run(mnist_root, tmp_path_factory):
     model = SupSup(backbone=MaskedLeNet300100(), lr=0.01)
     m = run_tasks(model, dm(), tmp_path_factory.mktemp("supsup"), max_epochs=2)
     torch.manual_seed(0)
-    ft = run_tasks(ContinualModule(backbone=LeNet300100()), dm(), tmp_path_factory.mktemp("ft"), max_epochs=2)
+    lenet = MLP(hidden_sizes=(300, 100))  # LeNet-300-100, unmasked
+    ft = run_tasks(ContinualModule(backbone=lenet), dm(), tmp_path_factory.mktemp("ft"), max_epochs=2)
     return model, m, ft, dm()
 
 

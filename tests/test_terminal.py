@@ -14,11 +14,11 @@ import warnings
 import numpy as np
 import pytest
 
+from cl_lightning.datamodules import PolynomialRegression
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
 from cl_lightning.runner import ContinualRunner
 from cl_lightning.terminal import matrix_table, quiet_run
-from datamodules import PolynomialRegression
 from tests.conftest import REPO
 
 TASK_LINE = re.compile(r"^Task (\d+)/(\d+) \((.+)\) done · (acc|MSE) ([\d.e+-]+) · mean (?:acc|MSE) over seen tasks "

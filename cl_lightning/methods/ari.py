@@ -13,7 +13,7 @@ each task's signature. For every task:
    parameter, ``torch.func.vmap`` over ``functional_call``; the summed per-candidate losses give each
    candidate exactly its own gradient, and Adam is element-wise, so this equals Q separate runs).
    The per-step error of every candidate is recorded: its ARI on the task.
-2. **Consolidation** (:class:`callbacks.ari_consolidation.ARIConsolidation`, at task end): add the
+2. **Consolidation** (:class:`cl_lightning.callbacks.ari_consolidation.ARIConsolidation`, at task end): add the
    observed (ARI, parameter signature, task signature) tuples to the buffer S, fit ``q``, keep the
    ``kb_capacity`` sets with the highest predicted ARI summed over all observed tasks, and train ``F``
    and the embeddings to reproduce them. The trained candidates themselves are then discarded.
@@ -82,7 +82,7 @@ class ARILearner(ContinualModule):
         embedding_init_std: standard deviation of a new KB embedding.
         init_seed: seed of the initial sets, the memories, the noise inputs and random choices.
         lr, optimizer, momentum, weight_decay: the candidates' optimizer (paper: Adam 1e-3, decay 1e-3).
-        plugins: must include one ``callbacks.ari_consolidation.ARIConsolidation``.
+        plugins: must include one ``cl_lightning.callbacks.ari_consolidation.ARIConsolidation``.
     """
 
     supported_scenarios = frozenset(Scenario)
@@ -110,7 +110,7 @@ class ARILearner(ContinualModule):
         if knowledge_base is not None and not isinstance(knowledge_base, HyperNetwork):
             raise ValueError(f"knowledge_base: {type(knowledge_base).__name__} is not a HyperNetwork")
         if not any(type(p).__name__ == "ARIConsolidation" for p in self.plugins):
-            raise ValueError("ARILearner needs the plugin callbacks.ari_consolidation.ARIConsolidation "
+            raise ValueError("ARILearner needs the plugin cl_lightning.callbacks.ari_consolidation.ARIConsolidation "
                              "(it fits the estimator and the knowledge base at every task end)")
         object.__setattr__(self, "_base_body", base if base is not None else MLP(hidden_sizes=(100, 100)))
         self.knowledge_base = knowledge_base if knowledge_base is not None else ChunkedHyperNetwork(

@@ -3,7 +3,7 @@ learning"): experience replay whose loss on the incoming batch is asymmetric.
 
 From the second task on, the cross-entropy of the incoming batch only competes among the classes present
 in that batch: the logits of classes seen before but absent from it are masked out, so new data does not
-push the old classes' logits down; the replayed batch (``callbacks.ExperienceReplay``) keeps the full
+push the old classes' logits down; the replayed batch (``cl_lightning.callbacks.ExperienceReplay``) keeps the full
 softmax. Under DDP the classes present are those of the global batch (gathered), as in one process.
 """
 

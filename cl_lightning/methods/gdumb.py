@@ -13,18 +13,15 @@ module's parameters.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.rehearsal import RehearsalPlugin
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks.rehearsal import RehearsalPlugin
 from cl_lightning.methods.base import ContinualModule, make_optimizer
-
-warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")  # GDumb skips the stream on purpose
 
 
 class GDumb(ContinualModule):
@@ -44,7 +41,7 @@ class GDumb(ContinualModule):
             raise ValueError(f"epochs={epochs} and train_batch_size={train_batch_size} must be at least 1")
         found = [p for p in self.plugins if isinstance(p, RehearsalPlugin)]
         if len(found) != 1 or found[0].insertion != "task_end" or found[0].balance != "class":
-            raise ValueError("plugins: GDumb needs exactly one callbacks.RehearsalPlugin with insertion: task_end "
+            raise ValueError("plugins: GDumb needs exactly one RehearsalPlugin with insertion: task_end "
                              "and balance: class")
         self.sampler = found[0]
         self.epochs, self.train_batch_size, self.seed = epochs, train_batch_size, seed

@@ -3,7 +3,7 @@
 A hypernetwork ``h`` maps a learned task embedding ``e_t`` to every weight of a target network, which
 holds no weights of its own (see :mod:`cl_lightning.nets.functional`). Each task trains the
 hypernetwork and its own embedding; earlier embeddings are frozen, and forgetting is prevented by the
-output regularizer (:class:`callbacks.hnet_regularizer.OutputRegularizer`, a plugin) that keeps
+output regularizer (:class:`cl_lightning.callbacks.hnet_regularizer.OutputRegularizer`, a plugin) that keeps
 ``h(e_t)`` of past tasks where it was.
 
 Scenarios:
@@ -51,7 +51,7 @@ class HNET(ContinualModule):
             task-IL and regression, entropy otherwise).
         lr, optimizer, momentum, weight_decay: the per-task optimizer (over the hypernetwork and the
             current embedding).
-        plugins: usually one ``callbacks.hnet_regularizer.OutputRegularizer``.
+        plugins: usually one ``cl_lightning.callbacks.hnet_regularizer.OutputRegularizer``.
     """
 
     supported_scenarios = frozenset(Scenario)

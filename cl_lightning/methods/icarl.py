@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.icarl import ICaRLExemplars
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks.icarl import ICaRLExemplars
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.tasks import Scenario
 
@@ -32,7 +32,7 @@ class ICaRL(ContinualModule):
         super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins)
         found = [p for p in self.plugins if isinstance(p, ICaRLExemplars)]
         if len(found) != 1:
-            raise ValueError(f"plugins: ICaRL needs exactly one callbacks.ICaRLExemplars (got {len(found)})")
+            raise ValueError(f"plugins: ICaRL needs exactly one ICaRLExemplars plugin (got {len(found)})")
         self.exemplars = found[0]
 
     def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:

@@ -1,7 +1,7 @@
 """ImpressLearn: continual learning via combined task impressions.
 
 A basis of ``M`` supermasks ("impressions") over a frozen random backbone is learned on the first tasks
-and then frozen (``callbacks.mask_basis.MaskBasisFreezing``); every later task learns only a coefficient
+and then frozen (``cl_lightning.callbacks.mask_basis.MaskBasisFreezing``); every later task learns only a coefficient
 matrix ``alpha`` of shape ``[M, layers]`` and uses, in layer l, the weight ``W_l * sum_m alpha[m, l] M_m,l``
 (one tensordot over the stacked basis masks). Basis kinds:
 
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.mask_basis import MaskBasisFreezing
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks.mask_basis import MaskBasisFreezing
 from cl_lightning.methods.supsup import INFERENCE_MODES, SupermaskModule, mean_entropy
 from cl_lightning.nets.masked import MaskedNet
 from cl_lightning.tasks import BenchmarkInfo, Scenario

@@ -10,7 +10,7 @@ head C_t. Every stage of a task is a phase of the task's one Lightning ``fit``, 
 2. ``pretrain`` (first task only): the KB and C_0 without masks;
 3. ``masks``: M_t and C_t with the KB fixed;
 4. ``meta``: ``meta_steps`` outer steps of the KB meta-update (plugin
-   :class:`callbacks.mark_meta_update.MARKMetaUpdate`, outer SGD ``outer_lr``, weight decay 0.1; one step
+   :class:`cl_lightning.callbacks.mark_meta_update.MARKMetaUpdate`, outer SGD ``outer_lr``, weight decay 0.1; one step
    per batch index from the phase's first batch on, the remaining batches of its last epoch do nothing);
    or, with ``kb_update=normal``, ``kb_epochs`` of ordinary training of the KB and C_t (the ablations and
    the report's Baselines 1 and 3), or nothing with ``kb_update=none``;
@@ -76,7 +76,7 @@ class MARK(ContinualModule):
             ``weight_decay`` (authors: 0.01).
         outer_lr, outer_weight_decay: the KB's SGD in the meta and ``normal`` phases (authors: ``lr_meta * 0.1``
             and 0.1, no momentum).
-        plugins: must include :class:`callbacks.mark_meta_update.MARKMetaUpdate` when ``kb_update=meta``.
+        plugins: must include :class:`cl_lightning.callbacks.mark_meta_update.MARKMetaUpdate` when ``kb_update=meta``.
     """
 
     supported_scenarios = frozenset({Scenario.TASK_IL})
@@ -105,7 +105,8 @@ class MARK(ContinualModule):
             raise ValueError(f"feature_dim={feature_dim} must be positive (or null)")
         meta_plugins = [p for p in self.plugins if type(p).__name__ == "MARKMetaUpdate"]
         if kb_update == "meta" and len(meta_plugins) != 1:
-            raise ValueError("kb_update='meta' needs exactly one plugin callbacks.mark_meta_update.MARKMetaUpdate")
+            raise ValueError("kb_update='meta' needs exactly one plugin "
+                             "cl_lightning.callbacks.mark_meta_update.MARKMetaUpdate")
         if kb_update != "meta" and meta_plugins:
             raise ValueError(f"kb_update={kb_update!r} does not use the MARKMetaUpdate plugin: remove it")
         if use_masks and mask_activation not in ("relu", "sigmoid"):

@@ -2,8 +2,8 @@
 
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
 from cl_lightning.nets.masked import MaskedLeNet300100, MaskedMLP, MaskedResNet18
-from cl_lightning.nets.mlp import MLP, LeNet300100
+from cl_lightning.nets.mlp import MLP
 from cl_lightning.nets.resnet import ReducedResNet18
 
-__all__ = ["MLP", "ChunkedHyperNetwork", "HyperNetwork", "LeNet300100", "MaskedLeNet300100", "MaskedMLP",
+__all__ = ["MLP", "ChunkedHyperNetwork", "HyperNetwork", "MaskedLeNet300100", "MaskedMLP",
            "MaskedResNet18", "ReducedResNet18"]

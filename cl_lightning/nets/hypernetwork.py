@@ -2,7 +2,7 @@
 
 Both kinds take a batch of embeddings ``[B, E]`` and return one flat weight vector per embedding,
 ``[B, N]`` with ``N`` the target's parameter count, in one pass: the output regularizer of
-:mod:`callbacks.hnet_regularizer` generates the weights of all past tasks together, so its cost is
+:mod:`cl_lightning.callbacks.hnet_regularizer` generates the weights of all past tasks together, so its cost is
 one (wider) forward instead of a Python loop over tasks.
 
 - :class:`HyperNetwork` ("full"): an MLP whose last layer has ``N`` outputs.

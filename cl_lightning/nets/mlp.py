@@ -57,10 +57,3 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
-
-
-class LeNet300100(MLP):
-    """LeNet-300-100 (LeCun et al. 1998): the MLP 784-300-100 used by SupSup, ImpressLearn and GEM."""
-
-    def __init__(self, in_features: int | None = None, activation: str = "relu"):
-        super().__init__(in_features=in_features, hidden_sizes=(300, 100), activation=activation)

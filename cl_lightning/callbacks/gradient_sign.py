@@ -2,7 +2,7 @@
 neural networks with meta learning", ICML AMTL workshop 2019).
 
 While a task trains, (parameter value, descent direction) pairs of randomly chosen coordinates are
-collected; at the task's end a coordinate-wise predictor h_t (``callbacks.gradient_predictor``) is
+collected; at the task's end a coordinate-wise predictor h_t (``cl_lightning.callbacks.gradient_predictor``) is
 fitted to them, so h_t(theta_j) reconstructs task t's gradient at any later parameters without its
 data. On every later step coordinate j of the update is kept only where its sign agrees with the
 (mean) predicted direction of the past tasks (the paper's Eq. 5), and zeroed otherwise.
@@ -17,7 +17,7 @@ filtering, so the filter of a later task does not leak into what its predictor l
 
 ``reference="memory"`` (our extension, not in the paper) replaces the predictors by a rehearsal memory: at a
 task's end a seeded random subset of its data joins a memory of ``memory_size`` samples split equally between
-tasks (A-GEM's memory, ``callbacks.gem.AGEM``), and on every later step the old-task direction of Eq. 5 is
+tasks (A-GEM's memory, ``cl_lightning.callbacks.gem.AGEM``), and on every later step the old-task direction of Eq. 5 is
 the gradient of the loss on ``memory_batch_size`` memory samples at the current parameters (all-reduced across
 ranks, as A-GEM's reference gradient). No pairs are collected and no predictor is fitted. In ``update`` mode
 (Adam, momentum) the optimizer's step is compared with that gradient's sign.
@@ -36,15 +36,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.gem import AGEM
-from callbacks.gradient_predictor import (
+from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks.gem import AGEM
+from cl_lightning.callbacks.gradient_predictor import (
     CoordinatePredictor,
     PredictorTable,
     descent_direction,
     distill_mean,
     fit_predictor,
 )
-from cl_lightning.callback import ContinualCallback
 
 COMBINES = ("mean", "each")
 REFERENCES = ("predictor", "memory")

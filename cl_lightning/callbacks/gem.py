@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, jacrev, vmap
 
-from callbacks.rehearsal import RehearsalPlugin, world_and_rank
+from cl_lightning.callbacks.rehearsal import RehearsalPlugin, world_and_rank
 
 
 def solve_nonneg_qp(Q: Tensor, b: Tensor, iters: int = 2000, tol: float = 1e-9) -> Tensor:

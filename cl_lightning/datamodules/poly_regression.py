@@ -8,10 +8,9 @@ Three tasks, each a polynomial observed with Gaussian noise on its own, disjoint
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from cl_lightning.tasks import Task
-from datamodules.base import ContinualDataModule, TaskData
+from cl_lightning.datamodule import ContinualDataModule, TaskData
+from cl_lightning.tasks import Description, Task
 
 FUNCTIONS = (
     ("(x+3)^3", lambda x: (x + 3.0) ** 3, (-4.0, -2.0)),
@@ -38,9 +37,9 @@ class PolynomialRegression(ContinualDataModule):
                          eval_batch_size=eval_batch_size)
         self.train_samples, self.test_samples, self.noise_std = train_samples, test_samples, noise_std
 
-    def _describe(self):
+    def describe(self) -> Description:
         tasks = tuple(Task(i, f"poly_regression/{FUNCTIONS[i][0]}") for i in range(self.num_tasks))
-        return "poly_regression", tasks, (1,), 1, "regression"
+        return Description("poly_regression", tasks, input_shape=(1,), outputs_per_task=1, problem="regression")
 
     def _load(self) -> None:
         """Nothing to read: the data is generated per task from the benchmark seed."""
@@ -56,6 +55,3 @@ class PolynomialRegression(ContinualDataModule):
             y = f(x) + self.noise_std * torch.randn(self.train_samples, generator=g)
         return TaskData(x.unsqueeze(1), y.unsqueeze(1), task_id)
 
-    def function(self, task_id: int, x: Tensor) -> Tensor:
-        """The noise-free target of a task, for plots."""
-        return FUNCTIONS[task_id][1](x)

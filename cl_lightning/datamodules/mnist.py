@@ -20,16 +20,9 @@ import torchvision
 from torch import Tensor
 from torchvision.transforms.functional import InterpolationMode, rotate
 
-from cl_lightning.tasks import Scenario, Task
-from datamodules.base import (
-    BatchTransform,
-    ContinualDataModule,
-    DataError,
-    TaskData,
-    check_class_order,
-    equal_class_split,
-    split_by_classes,
-)
+from cl_lightning.datamodule import BatchTransform, ContinualDataModule, DataError, TaskData
+from cl_lightning.datamodules.class_split import check_class_order, equal_class_split, split_by_classes
+from cl_lightning.tasks import Description, Scenario, Task
 
 
 class DataNotFoundError(DataError, FileNotFoundError):
@@ -143,9 +136,9 @@ class SplitMNIST(_MNISTFamily):
         self.class_order = check_class_order(class_order, 10, seed if shuffle_classes else None)
         self.groups = equal_class_split(self.class_order, num_tasks)
 
-    def _describe(self):
+    def describe(self) -> Description:
         tasks = tuple(Task(i, f"{self.name}/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
-        return self.name, tasks, (1, 28, 28), len(self.groups[0]), "classification"
+        return Description(self.name, tasks, input_shape=(1, 28, 28), outputs_per_task=len(self.groups[0]))
 
     def _task_split(self, task_id: int, split: str) -> TaskData:
         x, y = self._raw(split)
@@ -182,9 +175,9 @@ class _Rotation:
 class _TransformedMNIST(_MNISTFamily):
     """All ten digits in every task; tasks differ by an input transform. Labels 0..9 (class-IL: +10t)."""
 
-    def _describe(self):
-        return self.name, tuple(Task(i, f"{self.name}/{i}") for i in range(self.num_tasks)), (1, 28, 28), 10, \
-            "classification"
+    def describe(self) -> Description:
+        return Description(self.name, tuple(Task(i, f"{self.name}/{i}") for i in range(self.num_tasks)),
+                           input_shape=(1, 28, 28), outputs_per_task=10)
 
     @abstractmethod
     def _transform(self, task_id: int) -> BatchTransform:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.lwf import raw_outputs
-from callbacks.rehearsal import RehearsalPlugin
+from cl_lightning.callbacks.lwf import raw_outputs
+from cl_lightning.callbacks.rehearsal import RehearsalPlugin
 
 
 def herding_order(features: Tensor, m: int) -> Tensor:

@@ -8,7 +8,7 @@
 
 Outputs are compared as the method's forward returns them (task-IL: the sample's own task head), and
 stored from the network in eval mode, so a stored row depends on the sample alone, not on the rank or on
-the rest of the batch. Each term is a mean over the global replay batch (see ``callbacks.rehearsal``).
+the rest of the batch. Each term is a mean over the global replay batch (see ``cl_lightning.callbacks.rehearsal``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.rehearsal import RehearsalPlugin
+from cl_lightning.callbacks.rehearsal import RehearsalPlugin
 
 
 def replay_cross_entropy(module: L.LightningModule, rows: dict[str, Tensor], scale: float) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cl_lightning.tasks import BenchmarkInfo, Scenario, Task
+from cl_lightning.tasks import BenchmarkInfo, Description, Scenario, Task
 
 BatchTransform = Callable[[Tensor], Tensor]
 
@@ -110,7 +110,7 @@ class ContinualDataModule(L.LightningDataModule, ABC):
     ``val_dataloader`` the current task's held-out split; ``test_dataloader`` one loader per task, so the
     ``dataloader_idx`` of a test batch is its task id. Every batch is ``(x, y, task_ids)``.
 
-    Subclasses give :meth:`_describe` (static, for :attr:`info`), :meth:`_load` and :meth:`_task_split`.
+    Subclasses give :meth:`describe` (static, for :attr:`info`), :meth:`_load` and :meth:`_task_split`.
     All randomness that defines tasks comes from ``seed`` (the benchmark's own), never from the global
     RNG or the rank, so every process and every run with the same seed builds the same tasks.
     """
@@ -142,8 +142,8 @@ class ContinualDataModule(L.LightningDataModule, ABC):
 
     # ----------------------------------------------------------------- what subclasses provide
     @abstractmethod
-    def _describe(self) -> tuple[str, tuple[Task, ...], tuple[int, ...], int, str]:
-        """(name, tasks, input_shape, outputs_per_task, problem) without loading data."""
+    def describe(self) -> Description:
+        """Name, tasks, input shape, outputs per task and problem, without loading data."""
 
     @abstractmethod
     def _load(self) -> None:
@@ -156,9 +156,9 @@ class ContinualDataModule(L.LightningDataModule, ABC):
     # ----------------------------------------------------------------- task protocol
     @property
     def info(self) -> BenchmarkInfo:
-        name, tasks, input_shape, outputs, problem = self._describe()
-        return BenchmarkInfo(name=name, tasks=tasks, scenario=self.scenario, input_shape=input_shape,
-                             outputs_per_task=outputs, problem=problem)
+        d = self.describe()
+        return BenchmarkInfo(name=d.name, tasks=d.tasks, scenario=self.scenario, input_shape=d.input_shape,
+                             outputs_per_task=d.outputs_per_task, problem=d.problem)
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -241,39 +241,3 @@ class ContinualDataModule(L.LightningDataModule, ABC):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self.task_dataloader(t, "test") for t in range(self.num_tasks)]
-
-
-def split_by_classes(x: Tensor, y: Tensor, classes: Sequence[int], class_order: Sequence[int], task_id: int,
-                     scenario: Scenario, transform: BatchTransform | None) -> TaskData:
-    """Task ``task_id``'s samples (those of ``classes``), labelled by the class's position in ``class_order``
-    for class-IL (one shared head) or by its position inside the task for task- and domain-IL."""
-    wanted = torch.tensor(list(classes))
-    keep = torch.isin(y, wanted)
-    position = torch.empty(len(class_order), dtype=torch.long)
-    position[torch.tensor(list(class_order))] = torch.arange(len(class_order))
-    labels = position[y[keep]]
-    if scenario is not Scenario.CLASS_IL:
-        labels = labels - task_id * len(wanted)
-    return TaskData(x[keep], labels, task_id, transform)
-
-
-def equal_class_split(class_order: Sequence[int], num_tasks: int, key: str = "num_tasks") -> list[tuple[int, ...]]:
-    """Cuts a class order into ``num_tasks`` groups of equal size, or says why it cannot."""
-    n = len(class_order)
-    if num_tasks > n or n % num_tasks:
-        raise ValueError(f"{key}={num_tasks} must divide the {n} classes into equal tasks")
-    size = n // num_tasks
-    return [tuple(class_order[i * size:(i + 1) * size]) for i in range(num_tasks)]
-
-
-def check_class_order(class_order: Sequence[int] | None, num_classes: int, seed: int | None) -> list[int]:
-    """The class order to use: given, or a permutation from the benchmark seed (None: natural order)."""
-    if class_order is None:
-        if seed is None:
-            return list(range(num_classes))
-        g = torch.Generator().manual_seed(seed)
-        return torch.randperm(num_classes, generator=g).tolist()
-    order = [int(c) for c in class_order]
-    if sorted(order) != list(range(num_classes)):
-        raise ValueError(f"class_order={list(class_order)} must be a permutation of 0..{num_classes - 1}")
-    return order

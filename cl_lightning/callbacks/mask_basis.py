@@ -26,23 +26,21 @@ class MaskBasisFreezing(ContinualCallback):
         super().__init__()
         self.verify = verify
         self.digest: str | None = None
-        self.frozen_after: int | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # runs before the module's own setup, which chooses what the task trains
         if stage == "fit" and pl_module.is_alpha_task(pl_module.current_task) and not bool(pl_module.basis_frozen):
-            self.freeze(pl_module, pl_module.current_task - 1)
+            self.freeze(pl_module)
 
     def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
         if task_id == module.num_basis_tasks - 1:
-            self.freeze(module, task_id)
+            self.freeze(module)
         elif module.is_alpha_task(task_id) and self.verify:
             self.check(module)
 
-    def freeze(self, module: L.LightningModule, after_task: int) -> None:
+    def freeze(self, module: L.LightningModule) -> None:
         module.freeze_basis()
         self.digest = module.basis_digest()
-        self.frozen_after = after_task
 
     def check(self, module: L.LightningModule) -> None:
         if self.digest is None:
@@ -52,8 +50,7 @@ class MaskBasisFreezing(ContinualCallback):
             raise RuntimeError(f"the frozen mask basis changed (digest {self.digest[:12]} -> {now[:12]})")
 
     def plugin_state(self) -> dict[str, Any]:
-        return {"digest": self.digest, "frozen_after": self.frozen_after}
+        return {"digest": self.digest}
 
     def load_plugin_state(self, state: dict[str, Any]) -> None:
         self.digest = state.get("digest")
-        self.frozen_after = state.get("frozen_after")

@@ -1,16 +1,16 @@
 """Benchmarks: each a ContinualDataModule that serves one task at a time. Add one by dropping a file here."""
 
-from datamodules.base import ContinualDataModule, DataError, TaskData
-from datamodules.cifar import SplitCIFAR10, SplitCIFAR100
-from datamodules.miniimagenet import SplitMiniImageNet
-from datamodules.mnist import (
+from cl_lightning.datamodule import ContinualDataModule, DataError, TaskData
+from cl_lightning.datamodules.cifar import SplitCIFAR10, SplitCIFAR100
+from cl_lightning.datamodules.miniimagenet import SplitMiniImageNet
+from cl_lightning.datamodules.mnist import (
     DataNotFoundError,
     PermutedMNIST,
     RotatedMNIST,
     SplitFashionMNIST,
     SplitMNIST,
 )
-from datamodules.poly_regression import PolynomialRegression
+from cl_lightning.datamodules.poly_regression import PolynomialRegression
 
 __all__ = [
     "ContinualDataModule", "DataError", "DataNotFoundError", "PermutedMNIST", "PolynomialRegression", "RotatedMNIST",

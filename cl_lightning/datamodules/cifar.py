@@ -16,16 +16,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cl_lightning.tasks import Task
-from datamodules.base import (
-    ContinualDataModule,
-    DataError,
-    TaskData,
-    check_class_order,
-    equal_class_split,
-    split_by_classes,
-)
-from datamodules.mnist import DataNotFoundError, default_data_dir
+from cl_lightning.datamodule import ContinualDataModule, DataError, TaskData
+from cl_lightning.datamodules.class_split import check_class_order, equal_class_split, split_by_classes
+from cl_lightning.datamodules.mnist import DataNotFoundError, default_data_dir
+from cl_lightning.tasks import Description, Task
 
 #: folder, train files, test files, label key, mean, std
 LAYOUTS = {
@@ -104,10 +98,10 @@ class SplitCIFAR100(ContinualDataModule):
         self.normalize = _Normalize(mean, std)
         self._data: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def _describe(self):
+    def describe(self) -> Description:
         name = f"split_{self.dataset.lower()}"
         tasks = tuple(Task(i, f"{name}/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
-        return name, tasks, (3, 32, 32), len(self.groups[0]), "classification"
+        return Description(name, tasks, input_shape=(3, 32, 32), outputs_per_task=len(self.groups[0]))
 
     def prepare_data(self) -> None:
         for train in (True, False):

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cl_lightning.tasks import Task
-from datamodules.base import ContinualDataModule, TaskData, check_class_order, equal_class_split, split_by_classes
-from datamodules.cifar import _Normalize
-from datamodules.mnist import DataNotFoundError, default_data_dir
+from cl_lightning.datamodule import ContinualDataModule, TaskData
+from cl_lightning.datamodules.cifar import _Normalize
+from cl_lightning.datamodules.class_split import check_class_order, equal_class_split, split_by_classes
+from cl_lightning.datamodules.mnist import DataNotFoundError, default_data_dir
+from cl_lightning.tasks import Description, Task
 
 FOLDER = "miniimagenet"
 FILES = {"train": "train.pkl", "test": "test.pkl"}
@@ -67,9 +68,9 @@ class SplitMiniImageNet(ContinualDataModule):
         self.normalize = _Normalize(MEAN, STD)
         self._data: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def _describe(self):
+    def describe(self) -> Description:
         tasks = tuple(Task(i, "split_miniimagenet/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
-        return "split_miniimagenet", tasks, (3, 84, 84), len(self.groups[0]), "classification"
+        return Description("split_miniimagenet", tasks, input_shape=(3, 84, 84), outputs_per_task=len(self.groups[0]))
 
     def prepare_data(self) -> None:
         for split in FILES:

@@ -1,6 +1,6 @@
 """Coordinate-wise gradient predictors: a small MLP from one parameter value to that coordinate's
 descent direction, shared by all coordinates of a network (the meta-learned part of gradient-sign
-filtering, see ``callbacks.gradient_sign``).
+filtering, see ``cl_lightning.callbacks.gradient_sign``).
 
 Why these pieces:
 - ``CoordinatePredictor`` normalises its input and output with stored scales, so one architecture fits
