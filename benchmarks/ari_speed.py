@@ -60,7 +60,7 @@ def main() -> None:
         opt = torch.optim.Adam([learner.candidates], lr=1e-3, weight_decay=1e-3)
         for batch in batches:
             opt.zero_grad(set_to_none=True)
-            learner.task_loss(batch).backward()
+            learner.task_loss(batch).value.backward()
             opt.step()
         return learner.candidates.detach().clone()
 

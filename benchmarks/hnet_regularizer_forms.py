@@ -51,7 +51,7 @@ def build(num_tasks: int, current: int, seed: int, lookahead: bool) -> tuple[HNE
 
 
 def step(model: HNET, opt: torch.optim.Optimizer, batch) -> torch.Tensor:
-    loss, _ = model.training_loss(batch)
+    loss, _ = model.training_objective(batch)
     opt.zero_grad()
     loss.backward()
     opt.step()

@@ -149,7 +149,7 @@ def cmd_regcost(args: argparse.Namespace) -> None:
             times = []
             for i in range(args.reps + 2):
                 began = time.perf_counter()
-                loss, _ = model.training_loss((x, y, t))
+                loss, _ = model.training_objective((x, y, t))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

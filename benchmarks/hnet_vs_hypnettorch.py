@@ -70,7 +70,7 @@ def run_ours(dm, args) -> tuple[list[float], list[float], float]:
         start = time.perf_counter()
         for x, y in batches(dm, t, args.steps, args.batch, args.seed):
             tid = torch.full((len(y),), t)
-            loss, _ = model.training_loss((x, y, tid))
+            loss, _ = model.training_objective((x, y, tid))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -5,14 +5,41 @@ from ``configure_callbacks``, so every per-task Trainer runs them, and their ``s
 Lightning's checkpoints. Plugins change training in one of two distributed-safe ways: a ``penalty``
 added to the loss (one backward pass, reduced by DDP as usual), or a change of ``.grad`` in
 ``on_before_optimizer_step`` (gradients are already reduced there).
+
+A plugin that needs more of its method than every ``ContinualModule`` has (a hypernetwork, a knowledge
+base, a mask basis) says what in ``host``: a ``typing.Protocol`` listing those attributes and methods. It
+is checked once, when the method binds to the benchmark, and a method that lacks a member is named with
+it; the plugin then uses those members and nothing else of the method.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import lightning as L
 from torch import Tensor
+
+
+class TaskLoss(NamedTuple):
+    """A method's loss on one training batch before the plugins' penalties, with the logits and targets the
+    error count (the ARI of every run) is taken from; ``logits=None`` when the step has none to count."""
+
+    value: Tensor
+    logits: Tensor | None = None
+    targets: Tensor | None = None
+
+
+def protocol_members(protocol: type) -> list[str]:
+    """The attribute and method names a ``Protocol`` class (and its protocol bases) declares."""
+    names: list[str] = []
+    for cls in reversed(protocol.__mro__):
+        if cls in (object, Protocol, Any) or not getattr(cls, "_is_protocol", False):
+            continue
+        members = [*getattr(cls, "__annotations__", {}),
+                   *(n for n, v in vars(cls).items() if inspect.isfunction(v) or isinstance(v, property))]
+        names += [n for n in members if not n.startswith("_") and n not in names]
+    return names
 
 
 class ContinualCallback(L.Callback):
@@ -23,9 +50,21 @@ class ContinualCallback(L.Callback):
     resume in :meth:`plugin_state` / :meth:`load_plugin_state`.
     """
 
+    #: What the plugin needs of its method beyond ``ContinualModule`` (a ``Protocol``), or None.
+    host: ClassVar[type | None] = None
+
     def __init__(self) -> None:
         self.task_started = -1
         self.task_finished = -1
+
+    def check_host(self, module: L.LightningModule) -> None:
+        """Raises a ``ValueError`` naming the members of :attr:`host` that ``module`` lacks."""
+        if self.host is None:
+            return
+        missing = [name for name in protocol_members(self.host) if not hasattr(module, name)]
+        if missing:
+            raise ValueError(f"plugins: {type(self).__name__} needs a method that provides {self.host.__name__} "
+                             f"({', '.join(missing)}); {type(module).__name__} does not")
 
     # ---------------------------------------------------------------- for subclasses
     def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
@@ -34,8 +73,9 @@ class ContinualCallback(L.Callback):
     def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
         """After the last step of a task, before it is evaluated (e.g. Fisher, consolidation)."""
 
-    def penalty(self, module: L.LightningModule, batch: Any) -> Tensor | None:
-        """A term added to the training loss at every step; ``None`` when there is nothing to add."""
+    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
+        """A term added to the training loss at every step; ``None`` when there is nothing to add. ``step`` is the
+        method's loss on this batch (with its logits), for a penalty that depends on it."""
         return None
 
     def plugin_state(self) -> dict[str, Any]:

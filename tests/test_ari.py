@@ -14,28 +14,12 @@ import torch.nn.functional as F
 from cl_lightning.callbacks import ARIConsolidation
 from cl_lightning.methods import ARILearner, ContinualModule
 from cl_lightning.metrics import adaptation_rate_integral
-from cl_lightning.nets import MLP, ChunkedHyperNetwork
-from cl_lightning.nets.ari_estimator import ARIEstimator, RandomFeatures, pad_signature, task_signature
-from tests.conftest import REPO, run_tasks
-from tests.crash import CrashAt
-from tests.supermask_data import PermutedBlobs
-
-
-def blobs(num_tasks: int = 3, **kw) -> PermutedBlobs:
-    return PermutedBlobs(num_tasks=num_tasks, classes=4, dim=16, samples=320, test_samples=256, spread=2.0,
-                         batch_size=16, **kw)
-
-
-def small_learner(extra_plugins=(), selection: str = "estimator", kb_steps: int = 3000, **kw) -> ARILearner:
-    return ARILearner(
-        base=MLP(hidden_sizes=(16,)),
-        knowledge_base=ChunkedHyperNetwork(hidden_sizes=(32,), embedding_dim=8, chunk_size=64, chunk_embedding_dim=8),
-        estimator=ARIEstimator(signature_width=256, projection=16, hidden_sizes=(32, 32)),
-        feature_extractor=RandomFeatures(features=16), num_init_sets=3, max_candidates=4, kb_capacity=6,
-        selection=selection, noise_inputs=8, samples_per_class=4, memory_per_task=64, finetune_steps=30,
-        finetune_batch_size=16, lr=0.01,
-        plugins=[ARIConsolidation(estimator_steps=200, kb_steps=kb_steps, kb_lr=3e-3, tolerance=1e-2), *extra_plugins],
-        **kw)
+from cl_lightning.nets import MLP
+from cl_lightning.nets.ari_estimator import pad_signature, task_signature
+from tests.helpers.ari_learner import blobs, small_learner
+from tests.helpers.crash import CrashAt
+from tests.helpers.run import REPO, run_tasks
+from tests.helpers.supermask_data import PermutedBlobs
 
 
 # ---------------------------------------------------------------------------- the ARI function
@@ -82,7 +66,7 @@ def test_vectorised_candidates_equal_training_each_alone():
         opt = torch.optim.Adam([learner.candidates], lr=0.01, weight_decay=1e-3)
         for batch in batches:
             opt.zero_grad()
-            learner.task_loss(batch).backward()
+            learner.task_loss(batch).value.backward()
             opt.step()
         return learner.candidates.detach().clone()
 
@@ -169,7 +153,8 @@ def test_knowledge_base_regenerates_the_consolidated_sets_within_tolerance():
     g = torch.Generator().manual_seed(0)
     sets = learner.init_sets[torch.tensor([0, 1, 2, 0, 1])] + 0.05 * torch.randn(5, learner.target.num_params,
                                                                                    generator=g)
-    record = plugin.reproduce(learner, sets, learner.new_embeddings(5, 0))
+    record = learner.reproduce(sets, learner.new_embeddings(5, 0), plugin.kb_steps, plugin.kb_lr, plugin.tolerance,
+                               plugin.relative_tolerance)
     assert record["kb_steps"] < plugin.kb_steps  # stopped because it met the tolerance
     regenerated = learner.kb_sets()
     assert regenerated.shape == sets.shape and int(learner.kb_count) == 5
@@ -225,8 +210,10 @@ def test_resume_after_a_crash_gives_the_same_matrix(tmp_path):
 def test_bad_configuration_names_the_value():
     with pytest.raises(ValueError, match="selection='best'"):
         small_learner(selection="best")
+    # a required plugin: added with its defaults when missing, named when given twice
+    assert [type(p) for p in ARILearner(plugins=[]).plugins] == [ARIConsolidation]
     with pytest.raises(ValueError, match="ARIConsolidation"):
-        ARILearner(plugins=[])
+        ARILearner(plugins=[ARIConsolidation(), ARIConsolidation()])
 
 
 # ---------------------------------------------------------------------------- DDP

@@ -14,7 +14,7 @@ from cl_lightning.callbacks import EWC
 from cl_lightning.datamodules import PermutedMNIST, SplitMNIST
 from cl_lightning.methods import ContinualModule, JointTraining
 from cl_lightning.nets import MLP
-from tests.conftest import run_tasks
+from tests.helpers.run import run_tasks
 
 
 def split_mnist(root, scenario):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers.run import REPO
 
 EWC = str(REPO / "configs/method/ewc.yaml")
 FINETUNE = str(REPO / "configs/method/finetune.yaml")
@@ -16,8 +17,10 @@ SPLIT_MNIST = str(REPO / "configs/benchmark/split_mnist.yaml")
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "cl_lightning", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    """``python -m cl_lightning ARGS`` from another folder, importing this checkout (not whatever is installed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "cl_lightning", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_help_is_generated_from_the_signatures(tmp_path):

@@ -11,7 +11,7 @@ from cl_lightning.config import ConfigError, compose, set_path
 from cl_lightning.experiment import run
 from cl_lightning.methods import ContinualModule
 from cl_lightning.tasks import Scenario
-from tests.conftest import REPO
+from tests.helpers.run import REPO
 
 
 class TaskOnlyMethod(ContinualModule):

@@ -95,8 +95,7 @@ def test_poly_regression_tasks_live_on_disjoint_intervals():
 
 
 def test_a_truncated_idx_file_is_named_with_the_fix(tmp_path):
-    from datamodules import DataError
-
+    from cl_lightning.datamodules import DataError
     from cl_lightning.datamodules.mnist import load_torchvision_split
 
     raw = tmp_path / "MNIST" / "raw"
@@ -112,8 +111,8 @@ def test_a_truncated_idx_file_is_named_with_the_fix(tmp_path):
 
 def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
     import torchvision
-    from datamodules import DataNotFoundError
 
+    from cl_lightning.datamodules import DataNotFoundError
     from cl_lightning.datamodules.mnist import load_torchvision_split
 
     def offline(self, *args, **kwargs):

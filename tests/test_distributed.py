@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import torch
 
-from tests.conftest import REPO
+from tests.helpers.run import REPO
 
 
 def train(mnist_root, out, dump, *extra):
     plugins = ("method.plugins=[{class_path: cl_lightning.callbacks.EWC, "
                "init_args: {strength: 100, fisher_samples: 300}}, "
-               f"{{class_path: tests.dump.DumpEWCPrecision, init_args: {{folder: '{dump}'}}}}]")
+               f"{{class_path: tests.helpers.dump.DumpEWCPrecision, init_args: {{folder: '{dump}'}}}}]")
     cmd = [sys.executable, str(REPO / "train.py"), "method=ewc", f"data_dir={mnist_root}", f"output_dir={out}",
            "logger=none",
            plugins, "benchmark.num_tasks=2", "benchmark.class_order=[0,1,2,3,4,5,6,7,8,9]",

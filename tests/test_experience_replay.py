@@ -14,8 +14,8 @@ from cl_lightning.callbacks import DarkExperienceReplay, ExperienceReplay, LwF
 from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ERACE, ContinualModule
 from cl_lightning.nets import MLP
-from tests.conftest import run_tasks
-from tests.crash import CrashAt
+from tests.helpers.crash import CrashAt
+from tests.helpers.run import run_tasks
 
 
 def split_mnist(root, scenario="class", n=2000, tasks=5):
@@ -140,11 +140,11 @@ def test_er_ace_masks_only_the_old_classes_absent_from_the_incoming_batch():
     module.task_loss((x, torch.tensor([0, 1, 0, 1, 0, 1]), t))  # task 0: classes 0 and 1 are now seen
     module.current_task = 1
     module.zero_grad()
-    module.task_loss((x, torch.tensor([2, 2, 3, 2, 3, 2]), t + 1)).backward()
+    module.task_loss((x, torch.tensor([2, 2, 3, 2, 3, 2]), t + 1)).value.backward()
     bias = module.head.bias.grad
     assert bias[:2].abs().max() == 0 and bias[2:].abs().min() > 0  # old classes untouched, new ones trained
     module.zero_grad()
-    module.task_loss((x, torch.tensor([0, 2, 3, 2, 3, 2]), t + 1)).backward()
+    module.task_loss((x, torch.tensor([0, 2, 3, 2, 3, 2]), t + 1)).value.backward()
     assert module.head.bias.grad[0] != 0 and module.head.bias.grad[1] == 0  # class 0 is present: it competes
 
 

@@ -13,7 +13,7 @@ from cl_lightning.callbacks import ExperienceReplay, RehearsalPlugin
 from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ContinualModule, GDumb
 from cl_lightning.nets import MLP
-from tests.conftest import run_tasks
+from tests.helpers.run import run_tasks
 
 
 def test_gdumb_needs_a_class_balanced_task_end_memory():

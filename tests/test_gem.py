@@ -16,7 +16,7 @@ from cl_lightning.callbacks.gem import agem_project, gem_project, solve_nonneg_q
 from cl_lightning.datamodules import PermutedMNIST
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
-from tests.conftest import run_tasks
+from tests.helpers.run import run_tasks
 
 
 def brute_force_nonneg_qp(Q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from cl_lightning.callbacks.gradient_sign import GradientSignFilter
 from cl_lightning.datamodules.mnist import PermutedMNIST
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.nets import MLP
-from tests.conftest import run_tasks, train_py
+from tests.helpers.run import run_tasks, train_py
 
 
 def identity_predictor(scale: float = 1.0, positive_part: bool = False) -> CoordinatePredictor:

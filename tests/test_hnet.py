@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cl_lightning.callback import TaskLoss
 from cl_lightning.callbacks.hnet_regularizer import OutputRegularizer
 from cl_lightning.datamodules.poly_regression import PolynomialRegression
 from cl_lightning.methods.hnet import HNET
@@ -17,7 +18,7 @@ from cl_lightning.nets import MLP
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
 from cl_lightning.runner import ContinualRunner
 from cl_lightning.tasks import BenchmarkInfo, Scenario, Task
-from tests.conftest import run_tasks, train_py
+from tests.helpers.run import run_tasks, train_py
 
 STEPS = 200  # optimizer steps per task on the polynomial toy (one epoch of STEPS batches of 32)
 
@@ -179,10 +180,10 @@ def test_lookahead_and_random_subset():
     assert len(idx) == 2 and torch.equal(idx, reg.subset(m))  # same draw for the same step (every rank)
     x, y, t = torch.randn(8, 1), torch.randint(0, 2, (8,)), torch.full((8,), 4)
     m.train()
-    m.loss(m(x, t), y)
-    ahead = reg.penalty(m, (x, y, t))
+    step = m.task_loss((x, y, t))
+    ahead = reg.penalty(m, (x, y, t), step)
     reg.lookahead = False
-    plain = reg.penalty(m, (x, y, t))
+    plain = reg.penalty(m, (x, y, t), step)
     expected = 0.1 / 2 * (0.1**2) * 2 * m.hypernetwork.num_target_weights
     assert plain.item() == pytest.approx(expected, rel=1e-4)
     assert torch.isfinite(ahead) and ahead.item() != pytest.approx(plain.item(), rel=1e-6)
@@ -215,20 +216,21 @@ def _start_task(m: HNET, reg: OutputRegularizer, task: int) -> None:
     reg.on_task_start(None, m, task)
 
 
-def _penalty_and_grads(m: HNET, reg: OutputRegularizer, algebraic: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _penalty_and_grads(m: HNET, reg: OutputRegularizer, algebraic: bool,
+                       step: TaskLoss | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The penalty of one form and its gradient w.r.t. every hypernetwork parameter and the embeddings."""
     reg.form = "algebraic" if algebraic else "direct"
     for e in m.task_embeddings:  # past embeddings are frozen in training; here their gradient is checked too
         e.requires_grad_(True)
     wrt = [*m.hypernetwork.parameters(), *m.task_embeddings]
-    value = reg.penalty(m, None)
+    value = reg.penalty(m, None, step)
     grads = torch.autograd.grad(value, wrt, allow_unused=True, retain_graph=True)
     return value.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(wrt, grads, strict=True)]
 
 
-def _assert_forms_agree(m: HNET, reg: OutputRegularizer, rtol: float = 1e-4) -> float:
-    direct, g_direct = _penalty_and_grads(m, reg, algebraic=False)
-    algebraic, g_alg = _penalty_and_grads(m, reg, algebraic=True)
+def _assert_forms_agree(m: HNET, reg: OutputRegularizer, rtol: float = 1e-4, step: TaskLoss | None = None) -> float:
+    direct, g_direct = _penalty_and_grads(m, reg, algebraic=False, step=step)
+    algebraic, g_alg = _penalty_and_grads(m, reg, algebraic=True, step=step)
     torch.testing.assert_close(algebraic, direct, rtol=rtol, atol=0)
     gscale = max(g.abs().max().item() for g in g_direct)
     for ga, gd in zip(g_alg, g_direct, strict=True):
@@ -259,12 +261,12 @@ def test_algebraic_penalty_equals_direct(kind, lookahead, subset):
         m.train()
         for noise in noises:
             _drift(m, noise)
-            m.loss(m(x, t), y)  # the task loss whose step the lookahead takes
+            step = m.task_loss((x, y, t))  # the task loss whose step the lookahead takes
             if noise == 0.0 and not lookahead:  # zero: exactly in the algebraic form, to rounding in the direct
-                assert _penalty_and_grads(m, reg, True)[0].item() == 0.0
-                assert _penalty_and_grads(m, reg, False)[0].item() < 1e-20
+                assert _penalty_and_grads(m, reg, True, step)[0].item() == 0.0
+                assert _penalty_and_grads(m, reg, False, step)[0].item() < 1e-20
                 continue
-            assert _assert_forms_agree(m, reg, rtol) > 0
+            assert _assert_forms_agree(m, reg, rtol, step) > 0
 
 
 @pytest.mark.parametrize("kind", ["full", "chunked"])
@@ -382,7 +384,7 @@ def test_algebraic_penalty_trains_like_direct():
         m.train()
         for _ in range(5):
             x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
-            loss, logs = m.training_loss((x, y, torch.full((8,), 2)))
+            loss, logs = m.training_objective((x, y, torch.full((8,), 2)))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -517,13 +519,14 @@ def test_snapshot_gives_the_penalty_of_stored_targets(kind, lookahead, subset):
     for step in range(4):
         m.steps_before_task = step  # another random subset at each step
         x, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)
-        task_loss = m.loss(m(x, torch.full((8,), 4)), y)
-        expected = stored.penalty(m, None)
+        this_step = m.task_loss((x, y, torch.full((8,), 4)))
+        task_loss = this_step.value
+        expected = stored.penalty(m, None, this_step)
         g_expected = torch.autograd.grad(expected, params, retain_graph=True)
         subsets.add(tuple(reg.subset(m).tolist()))
         for form in ("direct", "algebraic"):
             reg.form = form
-            value = reg.penalty(m, None)
+            value = reg.penalty(m, None, this_step)
             torch.testing.assert_close(value, expected, rtol=1e-7, atol=1e-18)
             for ga, ge in zip(torch.autograd.grad(value, params, retain_graph=True), g_expected, strict=True):
                 torch.testing.assert_close(ga, ge, rtol=1e-6, atol=1e-12)

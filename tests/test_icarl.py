@@ -13,7 +13,7 @@ from cl_lightning.callbacks.icarl import herding_order, normalized_features
 from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ContinualModule, ICaRL
 from cl_lightning.nets import MLP
-from tests.conftest import run_tasks
+from tests.helpers.run import run_tasks
 
 
 def test_herding_on_a_hand_made_set():

@@ -12,9 +12,8 @@ from cl_lightning.experiment import build
 from cl_lightning.methods.impresslearn import ImpressLearn
 from cl_lightning.methods.supsup import mean_entropy
 from cl_lightning.nets.masked import MaskedLeNet300100, MaskedMLP
-from tests.conftest import run_tasks
-from tests.supermask_data import PermutedBlobs
-from tests.test_supsup import SmallPermutedMNIST
+from tests.helpers.run import run_tasks
+from tests.helpers.supermask_data import PermutedBlobs, SmallPermutedMNIST
 
 
 class Snapshots(ContinualCallback):

@@ -17,9 +17,9 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
 
-from tests.conftest import REPO
+from tests.helpers.kill import with_killer
+from tests.helpers.run import REPO
 
 SMALL = ["benchmark=permuted_mnist", "benchmark.train_samples_per_task=192", "benchmark.batch_size=64",
          "benchmark.eval_batch_size=500", "trainer.max_epochs=2"]
@@ -49,14 +49,6 @@ FAMILIES = {
                   "method.plugins.GradientSignFilter.distill_points=2000"],
                  ["train_end@0", "mid_epoch@1"]),
 }
-
-
-def with_killer(method: str, points: list[str], marker_dir) -> str:
-    """The method's plugin list with the killer appended, as one override."""
-    node = yaml.safe_load((REPO / "configs" / "method" / f"{method}.yaml").read_text())
-    plugins = list(node["init_args"].get("plugins") or [])
-    plugins.append({"class_path": "tests.kill.KillAt", "init_args": {"points": points, "marker_dir": str(marker_dir)}})
-    return "method.plugins=" + json.dumps(plugins)
 
 
 def train(args: list[str], mnist_root) -> subprocess.CompletedProcess:

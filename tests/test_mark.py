@@ -12,9 +12,9 @@ import torch
 from cl_lightning.callbacks import MARKMetaUpdate
 from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import MARK
-from tests.conftest import run_tasks, train_py
-from tests.crash import CrashAt
-from tests.mark_dump import DumpMARKState
+from tests.helpers.crash import CrashAt
+from tests.helpers.mark_dump import DumpMARKState
+from tests.helpers.run import run_tasks, train_py
 
 TINY = {"kb_channels": [8, 16, 16], "latent_dim": 32, "feature_channels": [8, 8]}
 
@@ -116,7 +116,7 @@ def test_resume_inside_a_phase_matches_an_uninterrupted_run(mnist_root, tmp_path
 @pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process(mnist_root, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread per process: the convolutions are tiny
-    dump = "{class_path: tests.mark_dump.DumpMARKState, init_args: {folder: '%s'}}"
+    dump = "{class_path: tests.helpers.mark_dump.DumpMARKState, init_args: {folder: '%s'}}"
     args = ["method=mark", "method.kb_channels=[8,16,16]", "method.latent_dim=32", "method.feature_channels=[8,8]",
             "method.feature_epochs=1", "method.pretrain_epochs=1", "method.mask_epochs=1", "method.final_epochs=1",
             "method.meta_steps=2", "method.lr=0.1", "benchmark.class_order=[0,1,2,3,4,5,6,7,8,9]"]
@@ -144,8 +144,9 @@ def test_ddp_on_two_processes_matches_one_process(mnist_root, tmp_path, monkeypa
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="kb_update"):
         MARK(kb_update="sometimes")
+    assert [type(p) for p in MARK(kb_update="meta").plugins] == [MARKMetaUpdate]  # required: added
     with pytest.raises(ValueError, match="MARKMetaUpdate"):
-        MARK(kb_update="meta")
+        MARK(kb_update="meta", plugins=[MARKMetaUpdate(), MARKMetaUpdate()])
     with pytest.raises(ValueError, match="MARKMetaUpdate"):
         MARK(kb_update="none", plugins=[MARKMetaUpdate()])
     with pytest.raises(ValueError, match="mask_epochs"):

@@ -14,8 +14,8 @@ from cl_lightning.config import CONFIG_DIR, compose
 from cl_lightning.datamodules.miniimagenet import SplitMiniImageNet, load_miniimagenet_split
 from cl_lightning.datamodules.mnist import DataNotFoundError
 from cl_lightning.experiment import build
-from tests.conftest import run_tasks
-from tests.test_cifar import fake_cifar100
+from tests.helpers.cifar_files import fake_cifar100
+from tests.helpers.run import run_tasks
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("mark_*.yaml"))
 TINY = ["method.kb_channels=[4,8,8]", "method.latent_dim=16", "method.feature_channels=[4,4]",

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers.run import REPO
 
 
 def train(mnist_root, out, dump, *extra):
     plugins = ("method.plugins=[{class_path: cl_lightning.callbacks.DarkExperienceReplay, init_args: "
                "{memory_size: 100, batch_size: 32, alpha: 0.3, beta: 0.5}}, "
                "{class_path: cl_lightning.callbacks.GEM, init_args: {memory_size: 200}}, "
-               f"{{class_path: tests.dump_memory.DumpMemory, init_args: {{folder: '{dump}'}}}}]")
+               f"{{class_path: tests.helpers.dump_memory.DumpMemory, init_args: {{folder: '{dump}'}}}}]")
     cmd = [sys.executable, str(REPO / "train.py"), "method=derpp", "benchmark=permuted_mnist",
            f"data_dir={mnist_root}", f"output_dir={out}", "logger=none", plugins, "benchmark.num_tasks=2",
            "benchmark.train_samples_per_task=512", "benchmark.batch_size=64", "trainer.enable_progress_bar=false",

@@ -20,8 +20,8 @@ from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import DGR, HNETR, ContinualModule
 from cl_lightning.nets import MLP
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork
-from tests.conftest import run_tasks, train_py
-from tests.crash import CrashAt
+from tests.helpers.crash import CrashAt
+from tests.helpers.run import run_tasks, train_py
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_dgr_with_si_on_two_processes_matches_one(mnist_root, tmp_path):
         plugins = ("method.plugins=[{class_path: cl_lightning.callbacks.generative_replay.Replay, "
                    "init_args: {batch_size: 32}}, "
                    "{class_path: cl_lightning.callbacks.SI, init_args: {strength: 10.0}}, "
-                   f"{{class_path: tests.dump_replay.DumpReplayState, init_args: {{folder: '{dump}'}}}}]")
+                   f"{{class_path: tests.helpers.dump_replay.DumpReplayState, init_args: {{folder: '{dump}'}}}}]")
         return train_py(["method=dgr", plugins, "benchmark.scenario=class", "method.backbone.hidden_sizes=[64]",
                          "method.encoder_hidden=[64]", "method.decoder_hidden=[64]", "method.latent_dim=8",
                          "trainer.max_epochs=2", *extra], out, mnist_root)

@@ -15,8 +15,8 @@ from cl_lightning.callbacks import EWC
 from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
-from tests.conftest import REPO, run_tasks
-from tests.crash import CrashAt
+from tests.helpers.crash import CrashAt
+from tests.helpers.run import REPO, run_tasks
 
 
 def make(root, marker, crash_task, crash_step):
@@ -47,7 +47,7 @@ def test_killed_after_a_task_and_resumed_with_train_py(mnist_root, tmp_path):
     marker = tmp_path / "crashed"
     plugins = ("method.plugins=[{class_path: cl_lightning.callbacks.EWC, "
                "init_args: {strength: 100, fisher_samples: 200}}, "
-               f"{{class_path: tests.crash.CrashAt, init_args: {{task: 3, step: 0, marker: '{marker}'}}}}]")
+               f"{{class_path: tests.helpers.crash.CrashAt, init_args: {{task: 3, step: 0, marker: '{marker}'}}}}]")
     common = [sys.executable, str(REPO / "train.py"), "method=ewc", f"data_dir={mnist_root}", "logger=csv", plugins,
               "method.backbone.hidden_sizes=[64]", "benchmark.train_samples_per_task=300",
               "trainer.enable_progress_bar=false",

@@ -20,8 +20,8 @@ from cl_lightning.datamodules import PermutedMNIST
 from cl_lightning.experiment import resolve_config
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
-from tests.conftest import REPO, run_tasks
-from tests.test_kill_resume import with_killer
+from tests.helpers.kill import with_killer
+from tests.helpers.run import REPO, run_tasks
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 from cl_lightning.datamodules import PolynomialRegression
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
-from tests.conftest import run_tasks
+from tests.helpers.run import run_tasks
 
 
 def poly_method():

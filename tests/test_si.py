@@ -13,8 +13,8 @@ from cl_lightning.callbacks import SI
 from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
-from tests.conftest import run_tasks
-from tests.crash import CrashAt
+from tests.helpers.crash import CrashAt
+from tests.helpers.run import run_tasks
 
 
 @pytest.fixture

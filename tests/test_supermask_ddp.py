@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import train_py
+from tests.helpers.run import train_py
 
 
 def test_supsup_gn_ddp_two_cpu_processes_match_one(mnist_root, tmp_path):

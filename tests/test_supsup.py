@@ -8,24 +8,13 @@ import pytest
 import torch
 
 from cl_lightning.config import compose
-from cl_lightning.datamodules.mnist import PermutedMNIST
 from cl_lightning.experiment import build
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.methods.supsup import SupSup, mask_bytes
 from cl_lightning.nets import MLP
 from cl_lightning.nets.masked import EdgePopup, MaskedConv2d, MaskedLeNet300100, MaskedLinear, MaskedMLP
-from tests.conftest import run_tasks
-from tests.supermask_data import PermutedBlobs
-
-
-class SmallPermutedMNIST(PermutedMNIST):
-    """Permuted-MNIST with the test split cut to its first 1000 images (keeps the test fast)."""
-
-    def _task_split(self, task_id, split):
-        data = super()._task_split(task_id, split)
-        if split == "test":
-            data.x, data.y = data.x[:1000], data.y[:1000]
-        return data
+from tests.helpers.run import run_tasks
+from tests.helpers.supermask_data import PermutedBlobs, SmallPermutedMNIST
 
 
 # ------------------------------------------------------------------------------------------ layers

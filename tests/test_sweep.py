@@ -17,7 +17,7 @@ import yaml
 from cl_lightning.config import ConfigError, compose
 from cl_lightning.experiment import make_loggers
 from cl_lightning.sweep import SWEEP_FILE, Sweep, is_sweep, plan, split_values
-from tests.conftest import REPO
+from tests.helpers.run import REPO
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +115,7 @@ def test_a_killed_sweep_resumes_keeping_finished_runs(mnist_root, tmp_path):
     third starts, and runs.csv lists all three."""
     out = tmp_path / "sweep"
     marker = tmp_path / "killed"
-    kill = ("method.plugins=[{class_path: tests.crash.KillSweepAt, "
+    kill = ("method.plugins=[{class_path: tests.helpers.crash.KillSweepAt, "
             f"init_args: {{task: 1, step: 0, marker: '{marker}', run: 'seed=1'}}}}]")
     common = ["method=finetune", "method.backbone.hidden_sizes=[32]", f"data_dir={mnist_root}",
               "benchmark.num_tasks=2", "benchmark.train_samples_per_task=256", "benchmark.batch_size=64",

@@ -19,7 +19,7 @@ from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
 from cl_lightning.runner import ContinualRunner
 from cl_lightning.terminal import matrix_table, quiet_run
-from tests.conftest import REPO
+from tests.helpers.run import REPO
 
 TASK_LINE = re.compile(r"^Task (\d+)/(\d+) \((.+)\) done · (acc|MSE) ([\d.e+-]+) · mean (?:acc|MSE) over seen tasks "
                        r"([\d.e+-]+) · [\d.]+ s$")

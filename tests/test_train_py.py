@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers.run import REPO
 
 
 def train(tmp_path, *overrides, env=None):

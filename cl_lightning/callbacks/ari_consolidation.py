@@ -6,12 +6,11 @@
    paired with the task they were trained on, with the ARI of a trajectory that stays at their final
    error (the mean error of the last ``trained_tail`` fraction of steps).
 2. ``q`` is fitted on S (MSE, warm-started).
-3. From the KB sets and the trained candidates, the ``kb_capacity`` sets with the highest predicted
-   ARI summed over all observed tasks are kept (random under ``selection=random``).
-4. ``F`` and the kept sets' embeddings are trained to reproduce them (Adam on the MSE over all weights,
-   until it is at most ``tolerance``, relative to the weights' mean square by default, or after
-   ``kb_steps`` steps). The sets kept from the KB keep their
-   embeddings; new sets get fresh ones.
+3. The learner ranks the KB sets and the trained candidates and keeps the ``kb_capacity`` sets with the
+   highest predicted ARI summed over all observed tasks (random under ``selection=random``), then trains
+   ``F`` and the kept sets' embeddings to reproduce them (Adam on the MSE over all weights, until it is
+   at most ``tolerance``, relative to the weights' mean square by default, or after ``kb_steps`` steps):
+   :meth:`~cl_lightning.methods.ari.ARILearner.consolidate_knowledge_base`, with this plugin's settings.
 
 Under DDP every rank computes the same thing from the same (reduced) errors; the result is then
 broadcast from rank 0, so S, ``q`` and the KB are identical on every rank.
@@ -19,14 +18,43 @@ broadcast from rank 0, so S, ``q`` and the KB are identical on every rank.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.strategies import Strategy
+from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.metrics import adaptation_rate_integral
+
+
+class ARIHost(Protocol):
+    """What consolidation needs of the ARI learner: the task's exploration (candidates, their sources and
+    errors), the signatures, the estimator ``q``, and the learner's own knowledge-base consolidation."""
+
+    estimator: nn.Module
+    estimator_fitted: Tensor
+    candidates: Tensor
+    candidate_sigs: Tensor
+    candidate_sources: list[tuple[str, int]]
+    task_sigs: Tensor
+
+    def exploration_errors(self) -> Tensor:
+        """``[steps, Q]`` error of every candidate at every step of the task, over all ranks."""
+
+    def param_signatures(self, sets: Tensor) -> Tensor:
+        """Padded signatures of parameter sets."""
+
+    def consolidate_knowledge_base(self, task: int, steps: int, lr: float, tolerance: float,
+                                   relative_tolerance: bool) -> dict[str, Any]:
+        """Keeps the best sets and trains the knowledge base to reproduce them; returns what it did."""
+
+    def broadcast_consolidation(self, strategy: Strategy) -> None:
+        """Rank 0's knowledge base and estimator on every rank."""
+
+    def end_exploration(self, task: int) -> None:
+        """Discards the trained candidates; the task counts as learned."""
 
 
 class ARIConsolidation(ContinualCallback):
@@ -69,6 +97,8 @@ class ARIConsolidation(ContinualCallback):
         #: Per task: what consolidation did (candidate ARIs, estimator fit, KB reproduction error).
         self.history: list[dict[str, Any]] = []
 
+    host = ARIHost
+
     # ------------------------------------------------------------------ the buffer S
     def add(self, ari: torch.Tensor, param_sigs: torch.Tensor, task_sig: torch.Tensor) -> None:
         task_sigs = task_sig.expand(len(ari), -1)
@@ -81,71 +111,28 @@ class ARIConsolidation(ContinualCallback):
 
     # ------------------------------------------------------------------ consolidation
     def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
-        if not hasattr(module, "kb_sets"):
-            raise ValueError(f"ARIConsolidation needs the ARI learner; got {type(module).__name__}")
         errors = module.exploration_errors()  # [steps, Q], the same on every rank
         true_ari = torch.as_tensor(adaptation_rate_integral(errors.T.cpu()), dtype=torch.float).reshape(-1)
         record: dict[str, Any] = {"task": task_id, "candidates": [list(s) for s in module.candidate_sources],
                                   "candidate_ari": true_ari.tolist()}
-        dev = module.kb_embeddings.device
-        trained = module.candidates.detach().clone()
+        dev = module.task_sigs.device
         self.add(true_ari, module.candidate_sigs, module.task_sigs[task_id])
         if self.record_trained:
             tail = max(1, round(self.trained_tail * len(errors)))
             final = errors[-tail:].mean(0).cpu()
             flat = final.unsqueeze(1).expand(-1, len(errors))
             self.add(torch.as_tensor(adaptation_rate_integral(flat), dtype=torch.float).reshape(-1),
-                     module.param_signatures(trained), module.task_sigs[task_id])
+                     module.param_signatures(module.candidates.detach()), module.task_sigs[task_id])
         record["estimator_mse"] = module.estimator.fit(self.ari.to(dev), self.param_sigs.to(dev),
                                                        self.task_sigs.to(dev), self.estimator_steps, self.estimator_lr,
                                                        self.estimator_weight_decay)
         module.estimator_fitted.fill_(True)
-        with torch.no_grad():
-            kb = module.kb_sets().detach()
-            pool = torch.cat([kb, trained])
-            embeddings = torch.cat([module.kb_embeddings[: len(kb)], module.new_embeddings(len(trained), task_id)])
-            keep = module.rank_sets(pool, list(range(task_id + 1)), module.kb_capacity, salt=29).sort().values
-        record["kept"] = [("kb", i) if i < len(kb) else ("new", i - len(kb)) for i in keep.tolist()]
-        record.update(self.reproduce(module, pool[keep.to(pool.device)], embeddings[keep.to(embeddings.device)]))
+        record.update(module.consolidate_knowledge_base(task_id, self.kb_steps, self.kb_lr, self.tolerance,
+                                                        self.relative_tolerance))
         if trainer.world_size > 1:
-            self._broadcast(trainer, module)
+            module.broadcast_consolidation(trainer.strategy)
         module.end_exploration(task_id)
         self.history.append(record)
-
-    def reproduce(self, module: L.LightningModule, sets: torch.Tensor, embeddings: torch.Tensor) -> dict[str, Any]:
-        """Trains ``F`` and the embeddings until ``F(embeddings)`` matches ``sets`` within the tolerance."""
-        hnet = module.knowledge_base
-        emb = embeddings.clone().requires_grad_(True)
-        params = list(hnet.parameters())
-        steps, mse = 0, float("inf")
-        scale = float(sets.pow(2).mean().clamp_min(1e-12)) if self.relative_tolerance else 1.0
-        with torch.enable_grad():
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.Adam([*params, emb], lr=self.kb_lr)
-            while True:
-                loss = F.mse_loss(hnet(emb), sets)
-                mse = float(loss.detach())
-                if mse / scale <= self.tolerance or steps >= self.kb_steps:
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-            for p in params:
-                p.requires_grad_(False)
-        with torch.no_grad():
-            module.kb_embeddings[: len(sets)] = emb.detach()
-            module.kb_count.fill_(len(sets))
-            relative = float(F.mse_loss(hnet(emb), sets) / sets.pow(2).mean().clamp_min(1e-12))
-        return {"kb_mse": mse, "kb_relative_mse": relative, "kb_steps": steps, "kb_size": len(sets)}
-
-    @staticmethod
-    def _broadcast(trainer: L.Trainer, module: L.LightningModule) -> None:
-        """Rank 0's KB and estimator on every rank (they are computed identically; this makes it exact)."""
-        for t in [*module.knowledge_base.parameters(), *module.estimator.parameters(), module.kb_embeddings,
-                  module.kb_count]:
-            t.data.copy_(trainer.strategy.broadcast(t.data.detach().cpu(), src=0).to(t.device))
 
     # ------------------------------------------------------------------ state
     def plugin_state(self) -> dict[str, Any]:

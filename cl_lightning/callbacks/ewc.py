@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from cl_lightning.callback import ContinualCallback
+from cl_lightning.callback import ContinualCallback, TaskLoss
 
 
 class EWC(ContinualCallback):
@@ -76,7 +76,7 @@ class EWC(ContinualCallback):
         self.last_fisher: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ penalty
-    def penalty(self, module: L.LightningModule, batch: Any) -> Tensor | None:
+    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if not self.precision or self.strength == 0:
             return None
         terms = []

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from cl_lightning.callback import ContinualCallback
+from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.tasks import Scenario
 
 TARGETS = ("soft", "hard")
@@ -134,7 +134,7 @@ class Replay(ContinualCallback):
         return x[share.to(x.device)], tasks[share.to(x.device)], None if y is None else y[share.to(y.device)]
 
     # ------------------------------------------------------------------ loss
-    def penalty(self, module: L.LightningModule, batch: Any) -> Tensor | None:
+    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if self.teacher is None or self.weight == 0:
             return None
         x, t, y = self.draw(module)

@@ -14,9 +14,9 @@ paper). All past embeddings go through the hypernetwork in one batched pass. Opt
   comes from a generator seeded by (seed, task, step), so every DDP rank draws the same one.
 - ``lookahead``: regularise at ``theta + dtheta``, with ``dtheta`` the step the optimizer would take
   on the task loss alone (treated as a constant, as in the authors' code). It is computed from the
-  task loss' gradient (one extra backward through the task loss, averaged across DDP ranks) and the
-  optimizer's state: the exact next Adam/AdamW step (without weight decay), SGD with its momentum
-  buffer, and ``-lr * grad`` for other optimizers.
+  gradient of the task loss the method hands to :meth:`penalty` (one extra backward through it, averaged
+  across DDP ranks) and the optimizer's state: the exact next Adam/AdamW step (without weight decay), SGD
+  with its momentum buffer, and ``-lr * grad`` for other optimizers.
 
 What is stored is not the ``[T-1, N]`` targets but what they are made of: a copy of the hypernetwork's
 parameters taken at the task start (``snapshot``; the past embeddings are frozen model parameters, read
@@ -48,20 +48,30 @@ Two exact forms of the same penalty (``form``):
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
-from cl_lightning.callback import ContinualCallback
+from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.nets.hypernetwork import OutputReference
 
 
-def _require_hnet(module: L.LightningModule) -> None:
-    if not (hasattr(module, "hypernetwork") and hasattr(module, "embeddings") and hasattr(module, "generate")):
-        raise ValueError(f"OutputRegularizer needs a hypernetwork method (like HNET); got {type(module).__name__}")
+class HypernetworkHost(Protocol):
+    """What the output regularizer needs of its method (HNET, HNET+R): the hypernetwork it protects and the
+    task embeddings it generates from."""
+
+    hypernetwork: nn.Module
+    current_task: int
+
+    def embeddings(self, tasks: Sequence[int] | Tensor) -> Tensor:
+        """Stacked embeddings ``[B, E]`` of the given tasks."""
+
+    def generate(self, tasks: Sequence[int] | Tensor) -> Tensor:
+        """The hypernetwork's output ``[B, N]`` for the given tasks."""
 
 
 class OutputRegularizer(ContinualCallback):
@@ -76,6 +86,7 @@ class OutputRegularizer(ContinualCallback):
     """
 
     FORMS = ("auto", "algebraic", "direct")
+    host = HypernetworkHost
 
     def __init__(self, beta: float = 0.01, max_past_tasks: int | None = None, lookahead: bool = False,
                  seed: int = 0, form: str = "auto"):
@@ -103,7 +114,6 @@ class OutputRegularizer(ContinualCallback):
 
     # ------------------------------------------------------------------ targets
     def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
-        _require_hnet(module)
         self._on_device = None
         self._reference = self._reference_of = None
         self.targets = None
@@ -198,14 +208,17 @@ class OutputRegularizer(ContinualCallback):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + module.current_task) * 1_000_003 + step)
         return torch.randperm(past, generator=g)[: self.max_past_tasks].sort().values
 
-    def penalty(self, module: L.LightningModule, batch: Any) -> Tensor | None:
+    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if not self.active or self.beta == 0:
             return None
         idx = self.subset(module)
         embeddings = module.embeddings(idx)
         shifted = None
-        if self.lookahead and module.last_task_loss is not None:
-            shifted = {n: p + d for (n, p), d in zip(self._trainable(module), self.candidate_step(module),
+        if self.lookahead and step is None:
+            raise ValueError("OutputRegularizer(lookahead=True) regularises at the step on the task loss: pass the "
+                             "method's TaskLoss as penalty(module, batch, step)")
+        if self.lookahead:
+            shifted = {n: p + d for (n, p), d in zip(self._trainable(module), self.candidate_step(module, step.value),
                                                      strict=True)}
         if self.uses_algebraic(module, len(idx)):
             reference = self.reference(module, embeddings.device)
@@ -223,10 +236,10 @@ class OutputRegularizer(ContinualCallback):
     def _trainable(module: L.LightningModule) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in module.hypernetwork.named_parameters() if p.requires_grad]
 
-    def candidate_step(self, module: L.LightningModule) -> list[Tensor]:
-        """The (detached) step the optimizer would take on the task loss alone, per trainable parameter."""
+    def candidate_step(self, module: L.LightningModule, task_loss: Tensor) -> list[Tensor]:
+        """The (detached) step the optimizer would take on ``task_loss`` alone, per trainable parameter."""
         params = [p for _, p in self._trainable(module)]
-        grads = torch.autograd.grad(module.last_task_loss, params, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
         trainer = module._trainer
         if trainer is not None and trainer.world_size > 1:  # the same step on every rank

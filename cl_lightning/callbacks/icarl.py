@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl_lightning.callback import TaskLoss
 from cl_lightning.callbacks.lwf import raw_outputs
 from cl_lightning.callbacks.rehearsal import RehearsalPlugin
 
@@ -101,7 +102,7 @@ class ICaRLExemplars(RehearsalPlugin):
         known, old = self.known.to(x.device), self.old.to(x.device)
         return icarl_loss(module, x, y, known, old, self.snapshot or None, out)
 
-    def penalty(self, module: L.LightningModule, batch: Any) -> Tensor | None:
+    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         drawn = self.replay_batch(module)
         if drawn is None:
             return None

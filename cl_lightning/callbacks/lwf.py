@@ -15,10 +15,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
-from cl_lightning.callback import ContinualCallback
+from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.tasks import Scenario
 
 
@@ -53,12 +53,16 @@ class LwF(ContinualCallback):
         self.old: dict[str, Tensor] = {}
         self.old_classes: list[int] = []
 
-    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
-        if not (hasattr(module, "backbone") and hasattr(module, "head")):
-            raise ValueError(f"LwF needs a method with a backbone and a head, not {type(module).__name__}")
+    def check_host(self, module: L.LightningModule) -> None:
+        """LwF distils the outputs of ``head(backbone(x))``: a method with both, on a classification benchmark."""
+        if not (isinstance(getattr(module, "backbone", None), nn.Module) and
+                isinstance(getattr(module, "head", None), nn.Module)):
+            raise ValueError(f"plugins: LwF needs a method with a backbone and a head, not {type(module).__name__}")
         if module.info.is_regression:
-            raise ValueError(f"LwF distils softmax outputs: it needs a classification benchmark, not "
+            raise ValueError(f"plugins: LwF distils softmax outputs: it needs a classification benchmark, not "
                              f"{module.info.name}")
+
+    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
         if task_id > 0:
             self.old = {f"{part}.{k}": v.detach().clone() for part in ("backbone", "head")
                         for k, v in getattr(module, part).state_dict().items()}
@@ -67,7 +71,7 @@ class LwF(ContinualCallback):
         labels = trainer.datamodule.split(task_id, "train").y.unique().tolist()
         self.old_classes = sorted(set(self.old_classes) | set(labels))
 
-    def penalty(self, module: L.LightningModule, batch: Any) -> Tensor | None:
+    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if not self.old or self.strength == 0:
             return None
         x, _, _ = batch

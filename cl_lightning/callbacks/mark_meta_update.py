@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -37,6 +37,19 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from cl_lightning.callback import ContinualCallback
+
+
+class MARKHost(Protocol):
+    """What the meta-update needs of its method (MARK): the knowledge base it updates, the task's masks, the
+    step it is asked for, and the run's seed."""
+
+    kb: nn.Module
+    current_task: int
+    run_seed: int
+    pending_meta_step: int | None
+
+    def task_masks(self, task: int, x: Tensor) -> list[Tensor] | None:
+        """The task's per-sample KB masks of ``x`` (``None`` without masks)."""
 
 SIGNS = ("official", "reptile")
 
@@ -191,6 +204,8 @@ class MARKMetaUpdate(ContinualCallback):
         vectorised: the K mini-tasks as one ``vmap`` computation (False: the sequential reference).
     """
 
+    host = MARKHost
+
     def __init__(self, sign: str = "official", mini_tasks: int = 10, inner_steps: int = 40, inner_lr: float = 0.01,
                  inner_momentum: float = 0.9, inner_weight_decay: float = 0.1, inner_plateau: bool = True,
                  batch_size: int | None = None, vectorised: bool = True):
@@ -245,7 +260,7 @@ class MARKMetaUpdate(ContinualCallback):
         return meta_gradient(base, adapted, acc, self.sign), acc
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        step = getattr(pl_module, "pending_meta_step", None)
+        step = pl_module.pending_meta_step
         if step is None:
             return
         pl_module.pending_meta_step = None

@@ -10,17 +10,37 @@ the check also spans a resume.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
+from torch import Tensor
 
 from cl_lightning.callback import ContinualCallback
+
+
+class MaskBasisHost(Protocol):
+    """What the freezing needs of its method (ImpressLearn): which tasks train coefficients, and the basis."""
+
+    current_task: int
+    num_basis_tasks: int
+    basis_frozen: Tensor
+
+    def is_alpha_task(self, task: int) -> bool:
+        """Whether ``task`` learns coefficients over the basis (after the basis tasks)."""
+
+    def freeze_basis(self) -> None:
+        """Stops every later optimizer from holding the basis."""
+
+    def basis_digest(self) -> str:
+        """A digest of the backbone weights, basis scores and basis masks."""
 
 
 class MaskBasisFreezing(ContinualCallback):
     """Args:
         verify: recompute the basis digest after every coefficient task and raise if it changed.
     """
+
+    host = MaskBasisHost
 
     def __init__(self, verify: bool = True):
         super().__init__()

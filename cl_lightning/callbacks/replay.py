@@ -13,11 +13,14 @@ the rest of the batch. Each term is a mean over the global replay batch (see ``c
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl_lightning.callback import TaskLoss
 from cl_lightning.callbacks.rehearsal import RehearsalPlugin
 
 
@@ -39,7 +42,7 @@ class ExperienceReplay(RehearsalPlugin):
             raise ValueError(f"alpha={alpha} must not be negative")
         self.alpha = alpha
 
-    def penalty(self, module: L.LightningModule, batch) -> Tensor | None:
+    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         drawn = self.replay_batch(module)
         if drawn is None or self.alpha == 0:
             return None
@@ -68,7 +71,7 @@ class DarkExperienceReplay(RehearsalPlugin):
         module.train(was_training)
         return {"logits": logits}
 
-    def penalty(self, module: L.LightningModule, batch) -> Tensor | None:
+    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         drawn = self.replay_batch(module)
         if drawn is None:
             return None

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from cl_lightning.callback import ContinualCallback
+from cl_lightning.callback import ContinualCallback, TaskLoss
 
 
 class SI(ContinualCallback):
@@ -94,7 +94,7 @@ class SI(ContinualCallback):
         self.start, self.path = {}, {}
 
     # ------------------------------------------------------------------ penalty
-    def penalty(self, module: L.LightningModule, batch: Any) -> Tensor | None:
+    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if not self.importance or self.strength == 0:
             return None
         terms = []

@@ -13,10 +13,11 @@ each task's signature. For every task:
    parameter, ``torch.func.vmap`` over ``functional_call``; the summed per-candidate losses give each
    candidate exactly its own gradient, and Adam is element-wise, so this equals Q separate runs).
    The per-step error of every candidate is recorded: its ARI on the task.
-2. **Consolidation** (:class:`cl_lightning.callbacks.ari_consolidation.ARIConsolidation`, at task end): add the
-   observed (ARI, parameter signature, task signature) tuples to the buffer S, fit ``q``, keep the
-   ``kb_capacity`` sets with the highest predicted ARI summed over all observed tasks, and train ``F``
-   and the embeddings to reproduce them. The trained candidates themselves are then discarded.
+2. **Consolidation** (the plugin :class:`cl_lightning.callbacks.ari_consolidation.ARIConsolidation`, at task
+   end): add the observed (ARI, parameter signature, task signature) tuples to the buffer S and fit ``q``;
+   then this module (:meth:`ARILearner.consolidate_knowledge_base`) keeps the ``kb_capacity`` sets with the
+   highest predicted ARI summed over all observed tasks and trains ``F`` and the embeddings to reproduce them.
+   The trained candidates themselves are then discarded.
 3. **Inference** on task m (before every evaluation): generate the KB from ``F``, pick the set with the
    highest predicted ARI for task m, fine-tune it briefly on task m's exemplar memory (all tasks'
    fine-tunes vectorised together), and evaluate with it. A task not learned yet is evaluated with the
@@ -35,16 +36,17 @@ and the KB are identical on every rank.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
 
-from cl_lightning.callback import ContinualCallback
-from cl_lightning.methods.base import ContinualModule, per_task_outputs
+from cl_lightning.callback import ContinualCallback, TaskLoss
+from cl_lightning.callbacks.ari_consolidation import ARIConsolidation
+from cl_lightning.methods.base import ContinualModule, fit_body, per_task_outputs
 from cl_lightning.nets.ari_estimator import ARIEstimator, RandomFeatures, pad_signature, task_signature
 from cl_lightning.nets.functional import FunctionalTarget
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
@@ -82,10 +84,11 @@ class ARILearner(ContinualModule):
         embedding_init_std: standard deviation of a new KB embedding.
         init_seed: seed of the initial sets, the memories, the noise inputs and random choices.
         lr, optimizer, momentum, weight_decay: the candidates' optimizer (paper: Adam 1e-3, decay 1e-3).
-        plugins: must include one ``cl_lightning.callbacks.ari_consolidation.ARIConsolidation``.
+        plugins: one ``ARIConsolidation`` (added with its defaults when absent) and any others.
     """
 
     supported_scenarios = frozenset(Scenario)
+    required_plugins = (ARIConsolidation,)
 
     def __init__(self, base: nn.Module | None = None, knowledge_base: HyperNetwork | None = None,
                  estimator: ARIEstimator | None = None, feature_extractor: nn.Module | None = None,
@@ -109,9 +112,6 @@ class ARILearner(ContinualModule):
             raise ValueError(f"selection={selection!r} is not one of {list(SELECTIONS)}")
         if knowledge_base is not None and not isinstance(knowledge_base, HyperNetwork):
             raise ValueError(f"knowledge_base: {type(knowledge_base).__name__} is not a HyperNetwork")
-        if not any(type(p).__name__ == "ARIConsolidation" for p in self.plugins):
-            raise ValueError("ARILearner needs the plugin cl_lightning.callbacks.ari_consolidation.ARIConsolidation "
-                             "(it fits the estimator and the knowledge base at every task end)")
         object.__setattr__(self, "_base_body", base if base is not None else MLP(hidden_sizes=(100, 100)))
         self.knowledge_base = knowledge_base if knowledge_base is not None else ChunkedHyperNetwork(
             hidden_sizes=(100, 100), embedding_dim=64, chunk_size=8000, chunk_embedding_dim=64)
@@ -135,11 +135,7 @@ class ARILearner(ContinualModule):
     # ------------------------------------------------------------------ set-up
     def build(self, info: BenchmarkInfo) -> None:
         body: nn.Module = self._base_body
-        if hasattr(body, "set_input_size"):
-            body.set_input_size(math.prod(info.input_shape))
-        width = getattr(body, "out_features", None)
-        if width is None:
-            raise ValueError(f"base {type(body).__name__} must expose out_features")
+        width = fit_body(body, info, role="base")
         if info.is_regression:
             raise ValueError("the ARI learner needs a classification benchmark (ARI is built on error rates)")
         head = info.head_width if info.scenario is Scenario.CLASS_IL else info.outputs_per_task
@@ -277,7 +273,7 @@ class ARILearner(ContinualModule):
         self.candidate_sources = [sources[i] for i in chosen]
         self.candidates_task = task
 
-    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
         """Every candidate on the same batch; the sum of their mean losses (each gets its own gradient)."""
         assert self.target is not None
         x, y, _ = batch
@@ -287,8 +283,7 @@ class ARILearner(ContinualModule):
         if self.training and torch.is_grad_enabled():
             self.explore_wrong.append((out.detach().argmax(-1) != y).sum(1))
             self.explore_count.append(len(y))
-            self.record_train_error(out.flatten(0, 1), y.repeat(q))
-        return losses.sum()
+        return TaskLoss(losses.sum(), out.flatten(0, 1), y.repeat(q))
 
     def exploration_errors(self) -> Tensor:
         """``[steps, Q]`` error of every candidate at every step of this task, over all ranks."""
@@ -301,6 +296,59 @@ class ARILearner(ContinualModule):
             wrong = trainer.strategy.reduce(wrong, reduce_op="sum")
             count = trainer.strategy.reduce(count, reduce_op="sum")
         return wrong / count.unsqueeze(1)
+
+    # ------------------------------------------------------------------ consolidation of the knowledge base
+    @torch.no_grad()
+    def consolidate_knowledge_base(self, task: int, steps: int, lr: float, tolerance: float,
+                                   relative_tolerance: bool) -> dict[str, Any]:
+        """From the KB sets and the trained candidates, keeps the ``kb_capacity`` sets with the highest
+        predicted ARI summed over the tasks so far (their embeddings kept; new sets get fresh ones) and trains
+        ``F`` to reproduce them (:meth:`reproduce`). Returns what was kept and how well it is reproduced."""
+        kb = self.kb_sets().detach()
+        trained = self.candidates.detach().clone()
+        pool = torch.cat([kb, trained])
+        embeddings = torch.cat([self.kb_embeddings[: len(kb)], self.new_embeddings(len(trained), task)])
+        keep = self.rank_sets(pool, list(range(task + 1)), self.kb_capacity, salt=29).sort().values
+        record: dict[str, Any] = {"kept": [("kb", i) if i < len(kb) else ("new", i - len(kb)) for i in keep.tolist()]}
+        record.update(self.reproduce(pool[keep.to(pool.device)], embeddings[keep.to(embeddings.device)], steps, lr,
+                                     tolerance, relative_tolerance))
+        return record
+
+    def reproduce(self, sets: Tensor, embeddings: Tensor, steps: int, lr: float, tolerance: float,
+                  relative_tolerance: bool) -> dict[str, Any]:
+        """Trains ``F`` and the embeddings (Adam, at most ``steps``) until ``F(embeddings)`` matches ``sets``
+        within ``tolerance`` (of the MSE, relative to the sets' mean square when ``relative_tolerance``)."""
+        hnet = self.knowledge_base
+        emb = embeddings.clone().requires_grad_(True)
+        params = list(hnet.parameters())
+        taken, mse = 0, float("inf")
+        scale = float(sets.pow(2).mean().clamp_min(1e-12)) if relative_tolerance else 1.0
+        with torch.enable_grad():
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.Adam([*params, emb], lr=lr)
+            while True:
+                loss = F.mse_loss(hnet(emb), sets)
+                mse = float(loss.detach())
+                if mse / scale <= tolerance or taken >= steps:
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                taken += 1
+            for p in params:
+                p.requires_grad_(False)
+        with torch.no_grad():
+            self.kb_embeddings[: len(sets)] = emb.detach()
+            self.kb_count.fill_(len(sets))
+            relative = float(F.mse_loss(hnet(emb), sets) / sets.pow(2).mean().clamp_min(1e-12))
+        return {"kb_mse": mse, "kb_relative_mse": relative, "kb_steps": taken, "kb_size": len(sets)}
+
+    def broadcast_consolidation(self, strategy: Strategy) -> None:
+        """Rank 0's KB and estimator on every rank (they are computed identically; this makes it exact)."""
+        for t in [*self.knowledge_base.parameters(), *self.estimator.parameters(), self.kb_embeddings,
+                  self.kb_count]:
+            t.data.copy_(strategy.broadcast(t.data.detach().cpu(), src=0).to(t.device))
 
     def end_exploration(self, task: int) -> None:
         """After consolidation: the trained candidates are discarded; task ``task`` counts as learned."""
@@ -383,20 +431,20 @@ class ARILearner(ContinualModule):
             self.explore_count = list(state["explore_count"])
         self.eval_sets = None
 
-    def storage(self) -> dict[str, int]:
+    def stored_counts(self) -> dict[str, int]:
         """What is kept between tasks: F, the used embeddings, q, memories and task signatures (the
         initial sets are regenerated from the seed; trained candidates are discarded)."""
         assert self.target is not None
         learned = int(self.tasks_learned)
-        counts = {
-            "base_model_parameters": self.target.num_params,
+        return {
             "knowledge_base_hypernetwork": sum(p.numel() for p in self.knowledge_base.parameters()),
             "knowledge_base_embeddings": int(self.kb_count) * self.knowledge_base.embedding_dim,
             "estimator": sum(p.numel() for p in self.estimator.parameters()),
             "exemplar_memory": int(self.memory_size[:learned].sum()) * (self.memory_x[0, 0].numel() + 1),
             "task_signatures": learned * self.task_sigs.shape[1],
         }
-        for plugin in self.plugins:
-            counts[f"plugin_{type(plugin).__name__}"] = plugin.stored_numel()
-        counts["total"] = sum(v for k, v in counts.items() if k != "base_model_parameters")
-        return counts
+
+    def storage_details(self) -> dict[str, int | float]:
+        """The size of one parameter set, to compare the storage with."""
+        assert self.target is not None
+        return {"base_model_parameters": self.target.num_params}

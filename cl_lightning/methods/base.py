@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_lightning.callback import ContinualCallback
+from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.metrics import TaskScores
 from cl_lightning.nets import MLP
 from cl_lightning.tasks import BenchmarkInfo, Scenario
@@ -55,6 +55,31 @@ def per_task_outputs(x: Tensor, task_ids: Tensor, run: Callable[[int, Tensor], T
     return out
 
 
+def fit_body(body: nn.Module, info: BenchmarkInfo, role: str = "backbone") -> int:
+    """Sizes ``body``'s input to the benchmark's (bodies with ``set_input_size``, e.g. an MLP) and returns its
+    output width, which every head built on it needs."""
+    if hasattr(body, "set_input_size"):
+        body.set_input_size(math.prod(info.input_shape))
+    width = getattr(body, "out_features", None)
+    if width is None:
+        raise ValueError(f"{role} {type(body).__name__} must expose out_features")
+    return int(width)
+
+
+def place_task_logits(logits: Tensor, task_ids: Tensor | int, info: BenchmarkInfo) -> Tensor:
+    """Class-IL: each row's task logits (one task wide) into its task's block of the shared head, ``-inf``
+    elsewhere, so that an argmax over the head is a class id. Other scenarios: unchanged."""
+    if info.scenario is not Scenario.CLASS_IL:
+        return logits
+    k = info.outputs_per_task
+    if isinstance(task_ids, int):
+        out = logits.new_full((len(logits), info.head_width), float("-inf"))
+        out[:, task_ids * k:(task_ids + 1) * k] = logits
+        return out
+    cols = task_ids.unsqueeze(1) * k + torch.arange(k, device=logits.device)
+    return logits.new_full((len(logits), info.head_width), float("-inf")).scatter(1, cols, logits)
+
+
 class ContinualModule(L.LightningModule):
     """Trains a backbone plus heads on one task at a time; with no plugins this is fine-tuning.
 
@@ -71,6 +96,8 @@ class ContinualModule(L.LightningModule):
     supported_scenarios: frozenset[Scenario] = frozenset(Scenario)
     #: Train stage t on tasks 0..t instead of task t alone (joint training).
     cumulative_data: bool = False
+    #: Plugins the method cannot run without: one is added with its defaults when the config has none.
+    required_plugins: ClassVar[tuple[type[ContinualCallback], ...]] = ()
 
     def __init__(self, backbone: nn.Module | None = None, lr: float = 1e-3, optimizer: str = "adam",
                  momentum: float = 0.0, weight_decay: float = 0.0,
@@ -88,6 +115,12 @@ class ContinualModule(L.LightningModule):
         for p in self.plugins:
             if not isinstance(p, ContinualCallback):
                 raise ValueError(f"plugins: {type(p).__name__} is not a ContinualCallback")
+        for required in self.required_plugins:
+            found = [p for p in self.plugins if isinstance(p, required)]
+            if len(found) > 1:
+                raise ValueError(f"plugins: {type(self).__name__} takes one {required.__name__}, got {len(found)}")
+            if not found:
+                self.plugins.append(required())
         self.info: BenchmarkInfo | None = None
         self.head: nn.Linear | None = None
         self.current_task = 0
@@ -112,16 +145,13 @@ class ContinualModule(L.LightningModule):
             return
         self.info = info
         self.build(info)
+        for plugin in self.plugins:  # after build: a contract may name what build creates
+            plugin.check_host(self)
         self.scores = TaskScores(info.num_tasks)
 
     def build(self, info: BenchmarkInfo) -> None:
         """Creates the parameters that depend on the benchmark; subclasses may override."""
-        if hasattr(self.backbone, "set_input_size"):
-            self.backbone.set_input_size(math.prod(info.input_shape))
-        width = getattr(self.backbone, "out_features", None)
-        if width is None:
-            raise ValueError(f"backbone {type(self.backbone).__name__} must expose out_features")
-        self.head = nn.Linear(width, info.head_width)
+        self.head = nn.Linear(fit_body(self.backbone, info), info.head_width)
 
     # ------------------------------------------------------------------ forward / loss
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
@@ -135,20 +165,21 @@ class ContinualModule(L.LightningModule):
         k = self.info.outputs_per_task
         return out.view(len(out), self.info.num_tasks, k)[torch.arange(len(out), device=out.device), task_ids]
 
-    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+    def criterion(self, out: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy, or the mean squared error on a regression benchmark."""
         assert self.info is not None
         if self.info.is_regression:
             return F.mse_loss(out, y)
-        self.record_train_error(out, y)
         return F.cross_entropy(out, y)
 
-    def record_train_error(self, out: Tensor, y: Tensor) -> None:
+    def count_errors(self, logits: Tensor, y: Tensor) -> None:
         """Counts this training step's misclassified samples: the runner turns the per-step error of a
-        task into its adaptation rate integral (ARI), logged for every method. Methods with their own
-        loss call it with their logits."""
-        if not (self.training and torch.is_grad_enabled()):
+        task into its adaptation rate integral (ARI), logged for every method. :meth:`training_objective`
+        calls it with what :meth:`task_loss` returns; only a method that bypasses it (MARK's phases) calls
+        it itself."""
+        if not (self.training and torch.is_grad_enabled()) or (self.info is not None and self.info.is_regression):
             return
-        self.step_wrong = self.step_wrong + (out.detach().argmax(-1) != y).sum()  # stays on the device
+        self.step_wrong = self.step_wrong + (logits.detach().argmax(-1) != y).sum()  # stays on the device
         self.step_samples += y.numel()
 
     def scores_of(self, out: Tensor, y: Tensor) -> Tensor:
@@ -163,24 +194,32 @@ class ContinualModule(L.LightningModule):
         return self(x, task_ids)
 
     # ------------------------------------------------------------------ Lightning hooks
-    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """The training loss of a batch before the plugins' penalties; methods with their own loss override it."""
+    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
+        """The method's loss on a batch before the plugins' penalties, with its logits and targets; methods
+        with their own loss override it."""
         x, y, t = batch
-        return self.loss(self(x, t), y)
+        out = self(x, t)
+        return TaskLoss(self.criterion(out, y), out, y)
 
-    def training_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The task loss plus every plugin's penalty, and the terms by name (for logging)."""
-        loss = self.task_loss(batch)
-        total, logs = loss, {"train/loss": loss}
+    def training_objective(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The task loss plus every plugin's penalty (each given the task loss), and the terms by name (for
+        logging); the step's errors are counted here, for every method."""
+        step = self.task_loss(batch)
+        if not isinstance(step, TaskLoss):
+            raise TypeError(f"{type(self).__name__}.task_loss must return a TaskLoss (the loss with the logits and "
+                            f"targets its errors are counted from), got {type(step).__name__}")
+        if step.logits is not None and step.targets is not None:
+            self.count_errors(step.logits, step.targets)
+        total, logs = step.value, {"train/loss": step.value}
         for plugin in self.plugins:
-            extra = plugin.penalty(self, batch)
+            extra = plugin.penalty(self, batch, step)
             if extra is not None:
                 total = total + extra
                 logs[f"train/penalty_{type(plugin).__name__}"] = extra
         return total, logs
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        total, logs = self.training_loss(batch)
+        total, logs = self.training_objective(batch)
         if self._should_log():
             self.log_dict(logs, batch_size=len(batch[1]))
             self.log("task", float(self.current_task))
@@ -233,13 +272,22 @@ class ContinualModule(L.LightningModule):
         self.steps_before_task = state.get("steps_before_task", self.steps_before_task)
 
     # ------------------------------------------------------------------ accounting
-    def storage(self) -> dict[str, int]:
-        """Numbers of values kept: the network, and what each plugin stores between tasks."""
-        counts = {"model_parameters": sum(p.numel() for p in self.parameters())}
+    def storage(self) -> dict[str, int | float]:
+        """Numbers of values kept: the method's (:meth:`stored_counts`), what each plugin stores between tasks,
+        their ``total``, and the method's figures that are not storage (:meth:`storage_details`)."""
+        counts: dict[str, int | float] = dict(self.stored_counts())
         for plugin in self.plugins:
             counts[f"plugin_{type(plugin).__name__}"] = plugin.stored_numel()
         counts["total"] = sum(counts.values())
-        return counts
+        return {**counts, **self.storage_details()}
+
+    def stored_counts(self) -> dict[str, int]:
+        """Values the method keeps, by part (summed into the total); default: every parameter."""
+        return {"model_parameters": sum(p.numel() for p in self.parameters())}
+
+    def storage_details(self) -> dict[str, int | float]:
+        """Figures beside the storage that are not summed into it (sizes, ratios, comparisons)."""
+        return {}
 
 
 class JointTraining(ContinualModule):

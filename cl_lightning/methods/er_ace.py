@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl_lightning.callback import TaskLoss
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.tasks import BenchmarkInfo, Scenario
 
@@ -27,7 +28,7 @@ class ERACE(ContinualModule):
         super().build(info)
         self.register_buffer("seen_classes", torch.zeros(info.head_width, dtype=torch.bool))
 
-    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
         x, y, t = batch
         out = self(x, t)
         distributed = self._trainer is not None and self._trainer.world_size > 1
@@ -39,5 +40,4 @@ class ERACE(ContinualModule):
         else:
             out_masked = out
         self.seen_classes |= present
-        self.record_train_error(out, y)
-        return F.cross_entropy(out_masked, y)
+        return TaskLoss(F.cross_entropy(out_masked, y), out, y)

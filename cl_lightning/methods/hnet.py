@@ -20,14 +20,13 @@ under DDP it normalises with the global batch's statistics (:mod:`cl_lightning.n
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
-from cl_lightning.methods.base import ContinualModule, per_task_outputs
+from cl_lightning.methods.base import ContinualModule, fit_body, per_task_outputs, place_task_logits
 from cl_lightning.nets.batchnorm import convert_to_global_batchnorm
 from cl_lightning.nets.functional import FunctionalTarget, buffer_key, stack_buffers
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
@@ -77,8 +76,6 @@ class HNET(ContinualModule):
         self.target: FunctionalTarget | None = None
         self.task_embeddings = nn.ParameterList()
         self.buffer_names: list[str] = []
-        #: The last training step's task loss (the output regularizer's lookahead needs its gradient).
-        self.last_task_loss: Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
     def build(self, info: BenchmarkInfo) -> None:
@@ -92,11 +89,7 @@ class HNET(ContinualModule):
             raise ValueError("task_inference='given' would read the task id, which class-IL does not give; "
                              "use 'entropy' (HNET+ENT)")
         self.inference = inference
-        if hasattr(body, "set_input_size"):
-            body.set_input_size(math.prod(info.input_shape))
-        width = getattr(body, "out_features", None)
-        if width is None:
-            raise ValueError(f"target {type(body).__name__} must expose out_features")
+        width = fit_body(body, info, role="target")
         # global-batch statistics under DDP, so that DDP matches one process
         self.target = FunctionalTarget(nn.Sequential(convert_to_global_batchnorm(body),
                                                      nn.Linear(width, info.outputs_per_task)))
@@ -136,23 +129,7 @@ class HNET(ContinualModule):
         return self.target(self.generate([task])[0], x, self.task_buffers(task))
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
-        return self.place(per_task_outputs(x, task_ids, self.run_task), task_ids)
-
-    def place(self, out: Tensor, task_ids: Tensor) -> Tensor:
-        """Class-IL: each row's task logits into its task's slice of the packed output (else as is)."""
-        assert self.info is not None
-        if self.info.scenario is not Scenario.CLASS_IL:
-            return out
-        k = self.info.outputs_per_task
-        cols = task_ids.unsqueeze(1) * k + torch.arange(k, device=out.device)
-        full = out.new_full((len(out), self.info.head_width), float("-inf"))
-        return full.scatter(1, cols, out)
-
-    def loss(self, out: Tensor, y: Tensor) -> Tensor:
-        value = super().loss(out, y)
-        if self.training and torch.is_grad_enabled():
-            self.last_task_loss = value
-        return value
+        return place_task_logits(per_task_outputs(x, task_ids, self.run_task), task_ids, self.info)
 
     # ------------------------------------------------------------------ task inference (HNET+ENT)
     def seen_tasks(self) -> int:
@@ -175,16 +152,14 @@ class HNET(ContinualModule):
         if self.inference == "given":
             return self(x, task_ids)
         logits, chosen = self.infer_task(x)
-        return self.place(logits, chosen)
+        return place_task_logits(logits, chosen, self.info)
 
     # ------------------------------------------------------------------ accounting
     def compression_ratio(self) -> float:
         """Trainable hypernetwork weights (without embeddings) / target weights."""
         return sum(p.numel() for p in self.hypernetwork.parameters()) / self.hypernetwork.num_target_weights
 
-    def storage(self) -> dict[str, int]:
-        counts = super().storage()
-        counts["hypernetwork_parameters"] = sum(p.numel() for p in self.hypernetwork.parameters())
-        counts["task_embeddings"] = sum(e.numel() for e in self.task_embeddings)
-        counts["target_weights_generated"] = self.hypernetwork.num_target_weights
-        return counts
+    def storage_details(self) -> dict[str, int | float]:
+        return {"hypernetwork_parameters": sum(p.numel() for p in self.hypernetwork.parameters()),
+                "task_embeddings": sum(e.numel() for e in self.task_embeddings),
+                "target_weights_generated": self.hypernetwork.num_target_weights}

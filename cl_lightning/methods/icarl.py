@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_lightning.callback import ContinualCallback
+from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.callbacks.icarl import ICaRLExemplars
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.tasks import Scenario
@@ -35,11 +35,10 @@ class ICaRL(ContinualModule):
             raise ValueError(f"plugins: ICaRL needs exactly one ICaRLExemplars plugin (got {len(found)})")
         self.exemplars = found[0]
 
-    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
         x, y, t = batch
         out = self.head(self.backbone(x))
-        self.record_train_error(out, y)
-        return self.exemplars.loss(self, x, y, out).mean()
+        return TaskLoss(self.exemplars.loss(self, x, y, out).mean(), out, y)
 
     def predict_for_eval(self, x: Tensor, task_ids: Tensor) -> Tensor:
         means = self.exemplars.means

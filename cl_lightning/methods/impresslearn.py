@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_lightning.callback import ContinualCallback
+from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.callbacks.mask_basis import MaskBasisFreezing
 from cl_lightning.methods.supsup import INFERENCE_MODES, SupermaskModule, mean_entropy
 from cl_lightning.nets.masked import MaskedNet
@@ -54,15 +54,13 @@ class ImpressLearn(SupermaskModule):
     """
 
     inference_modes = (*INFERENCE_MODES, "basis")
+    required_plugins = (MaskBasisFreezing,)
 
     def __init__(self, backbone: MaskedNet | None = None, basis_kind: str = "heterogeneous", basis_size: int = 5,
                  penalty: float = 0.0, alpha_lr: float = 0.05, homogeneous_subsample: float = 0.5,
                  task_inference: str = "auto", inference_steps: int = 10, inference_lr: float = 0.05,
                  lr: float = 0.01, optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
                  plugins: Sequence[ContinualCallback] | None = None):
-        plugins = list(plugins or [])
-        if not any(isinstance(p, MaskBasisFreezing) for p in plugins):
-            plugins.append(MaskBasisFreezing())
         super().__init__(backbone=backbone, task_inference=task_inference, lr=lr, optimizer=optimizer,
                          momentum=momentum, weight_decay=weight_decay, plugins=plugins)
         if basis_kind not in BASIS_KINDS:
@@ -160,16 +158,17 @@ class ImpressLearn(SupermaskModule):
         """``lambda * sum_l (sum_m |alpha[m, l]| - 1)^2``."""
         return self.penalty * (alpha.abs().sum(0) - 1.0).pow(2).sum()
 
-    def train_loss(self, x: Tensor, y: Tensor, task_ids: Tensor) -> Tensor:
+    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
+        x, y, task_ids = batch
         task = self.current_task
         if self.basis_kind == "homogeneous" and task == 0 and bool((task_ids == 0).all()):
             return self.homogeneous_loss(x, y)
-        loss = super().train_loss(x, y, task_ids)
+        step = super().task_loss(batch)
         if self.is_alpha_task(task) and self.penalty > 0:
-            loss = loss + self.alpha_penalty(self.alphas[task - self.num_basis_tasks])
-        return loss
+            step = step._replace(value=step.value + self.alpha_penalty(self.alphas[task - self.num_basis_tasks]))
+        return step
 
-    def homogeneous_loss(self, x: Tensor, y: Tensor) -> Tensor:
+    def homogeneous_loss(self, x: Tensor, y: Tensor) -> TaskLoss:
         """All M basis masks on task 0 at once; mask m sees its own seeded random subset of the batch.
 
         The subsets are drawn over the global batch (the datamodule gives rank r the r-th contiguous equal
@@ -189,9 +188,8 @@ class ImpressLearn(SupermaskModule):
         idx, mine = idx.to(x.device), mine.to(x.device)
         out = self.backbone.forward_each(x[idx], self.basis_slots)              # [M, n, k]
         labels = self.local_labels(y[idx], 0)
-        self.record_train_error(out[mine], labels[mine])
         losses = F.cross_entropy(out.flatten(0, 1), labels.flatten(), reduction="none")
-        return (losses * mine.flatten()).sum() * world / keep
+        return TaskLoss((losses * mine.flatten()).sum() * world / keep, out[mine], labels[mine])
 
     # ------------------------------------------------------------------ inference
     def predict_for_eval(self, x: Tensor, task_ids: Tensor) -> Tensor:
@@ -217,14 +215,13 @@ class ImpressLearn(SupermaskModule):
             return alpha.detach().clone()
 
     # ------------------------------------------------------------------ accounting
-    def storage(self) -> dict[str, int | float]:
+    def storage_details(self) -> dict[str, int | float]:
         assert self.info is not None
         T, nb, M, L = self.info.num_tasks, self.num_basis_tasks, self.basis_size, self.backbone.num_layers
         bitmap = self.mask_storage()["bitmap"]
         alpha_bytes = 4 * M * L
         impress = M * bitmap + (T - nb) * alpha_bytes
         return {
-            "model_parameters": sum(p.numel() for p in self.parameters()),
             "backbone_weights": sum(m.weight.numel() for m in self.backbone.masked_layers),
             "basis_masks": M,
             "bytes_per_basis_mask_bitmap": bitmap,

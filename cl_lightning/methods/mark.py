@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.callbacks.mark_meta_update import MARKMetaUpdate
 from cl_lightning.methods.base import ContinualModule, make_optimizer, per_task_outputs
 from cl_lightning.nets.mark import FeatureExtractor, KnowledgeBase, MaskFunctions
 from cl_lightning.tasks import BenchmarkInfo, Scenario
@@ -103,10 +104,11 @@ class MARK(ContinualModule):
                              "not negative")
         if feature_dim is not None and feature_dim < 1:
             raise ValueError(f"feature_dim={feature_dim} must be positive (or null)")
-        meta_plugins = [p for p in self.plugins if type(p).__name__ == "MARKMetaUpdate"]
-        if kb_update == "meta" and len(meta_plugins) != 1:
-            raise ValueError("kb_update='meta' needs exactly one plugin "
-                             "cl_lightning.callbacks.mark_meta_update.MARKMetaUpdate")
+        meta_plugins = [p for p in self.plugins if isinstance(p, MARKMetaUpdate)]
+        if kb_update == "meta" and not meta_plugins:
+            self.plugins.append(MARKMetaUpdate())  # required by the meta update, with its defaults
+        if len(meta_plugins) > 1:
+            raise ValueError(f"plugins: MARK takes one MARKMetaUpdate, got {len(meta_plugins)}")
         if kb_update != "meta" and meta_plugins:
             raise ValueError(f"kb_update={kb_update!r} does not use the MARKMetaUpdate plugin: remove it")
         if use_masks and mask_activation not in ("relu", "sigmoid"):
@@ -288,7 +290,7 @@ class MARK(ContinualModule):
             out = self.heads[t](self.kb(x, None, self.keep_mask(batch_idx, len(x))))
         else:
             out = self.task_output(t, x, self.keep_mask(batch_idx, len(x)))
-        self.record_train_error(out, y)
+        self.count_errors(out, y)  # MARK's phases bypass training_objective
         loss = F.cross_entropy(out, y)
         params = self.phase_params(phase)
         grads = torch.autograd.grad(loss, params)
@@ -344,14 +346,14 @@ class MARK(ContinualModule):
         return sum(p.numel() for m in modules for p in m.parameters()) + sum(
             b.numel() for m in modules for b in m.buffers() if b.is_floating_point())
 
-    def storage(self) -> dict[str, int]:
-        """The KB, what each seen task adds, their total, and one KB-sized network per task for comparison."""
+    def stored_counts(self) -> dict[str, int]:
+        """The KB and what the seen tasks add (F, M, C of each)."""
+        return {"knowledge_base": sum(p.numel() for p in self.kb.parameters()),
+                "task_modules": sum(self.per_task_numel(t) for t in range(self.current_task + 1))}
+
+    def storage_details(self) -> dict[str, int | float]:
+        """What one task adds, the number of tasks seen, and one KB-sized network per task for comparison."""
         seen = self.current_task + 1
         kb = sum(p.numel() for p in self.kb.parameters())
-        per_task = [self.per_task_numel(t) for t in range(seen)]
         head = sum(p.numel() for p in self.heads[0].parameters())
-        counts = {"knowledge_base": kb, "per_task": per_task[0], "tasks": seen,
-                  "total": kb + sum(per_task), "one_network_per_task": seen * (kb + head)}
-        for plugin in self.plugins:
-            counts[f"plugin_{type(plugin).__name__}"] = plugin.stored_numel()
-        return counts
+        return {"per_task": self.per_task_numel(0), "tasks": seen, "one_network_per_task": seen * (kb + head)}

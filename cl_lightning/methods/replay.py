@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from cl_lightning.callback import ContinualCallback
+from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.methods.base import ContinualModule, make_optimizer, per_task_outputs
 from cl_lightning.nets.functional import FunctionalTarget
 from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork, HyperNetwork
@@ -71,8 +71,6 @@ class VAEReplayModule(ContinualModule):
         self.encoder_hidden, self.decoder_hidden = list(encoder_hidden), list(decoder_hidden)
         self.latent_dim, self.generator_lr = latent_dim, generator_lr
         self.encoder: VAEEncoder | None = None
-        #: The last training step's VAE loss on the current task (the output regularizer's lookahead needs it).
-        self.last_task_loss: Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
     def build(self, info: BenchmarkInfo) -> None:
@@ -141,21 +139,19 @@ class VAEReplayModule(ContinualModule):
         return torch.sigmoid(self.decode(z, tasks))
 
     # ------------------------------------------------------------------ training
-    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
+        """The classifier's loss plus the VAE's on the current task (their parameters are disjoint, so the output
+        regularizer's lookahead on this sum is the step on the VAE loss alone)."""
         x, y, t = batch
         out = self(x, t)
         assert self.info is not None
         if self.info.scenario is Scenario.CLASS_IL:  # the classes seen so far
             out = out[:, : (self.current_task + 1) * self.info.outputs_per_task]
-        generator = self.vae_loss(x, t, salt=0)
-        self.last_task_loss = generator
-        return self.loss(out, y) + generator
+        return TaskLoss(self.criterion(out, y) + self.vae_loss(x, t, salt=0), out, y)
 
     # ------------------------------------------------------------------ accounting
-    def storage(self) -> dict[str, int]:
-        counts = super().storage()
-        counts["replay_model_parameters"] = sum(p.numel() for p in self.generator_parameters())
-        return counts
+    def storage_details(self) -> dict[str, int | float]:
+        return {"replay_model_parameters": sum(p.numel() for p in self.generator_parameters())}
 
 
 class DGR(VAEReplayModule):
@@ -250,9 +246,7 @@ class HNETR(VAEReplayModule):
         h = decoder_input(z, tasks, self.info.num_tasks)
         return per_task_outputs(h, tasks, lambda t, rows: self.decoder_target(weights[row[t]], rows))
 
-    def storage(self) -> dict[str, int]:
-        counts = super().storage()
-        counts["task_embeddings"] = sum(e.numel() for e in self.task_embeddings)
-        counts["decoder_weights_generated"] = self.hypernetwork.num_target_weights
-        return counts
+    def storage_details(self) -> dict[str, int | float]:
+        return {**super().storage_details(), "task_embeddings": sum(e.numel() for e in self.task_embeddings),
+                "decoder_weights_generated": self.hypernetwork.num_target_weights}
 

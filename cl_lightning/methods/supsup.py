@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from cl_lightning.callback import ContinualCallback
-from cl_lightning.methods.base import ContinualModule
+from cl_lightning.callback import ContinualCallback, TaskLoss
+from cl_lightning.methods.base import ContinualModule, per_task_outputs, place_task_logits
 from cl_lightning.nets.masked import MaskedLeNet300100, MaskedNet
 from cl_lightning.tasks import BenchmarkInfo, Scenario
 
@@ -126,42 +126,24 @@ class SupermaskModule(ContinualModule, ABC):
         slots, coeff = self.program(task)
         return self.backbone(x, slots, coeff)
 
-    def place(self, logits: Tensor, task: int) -> Tensor:
-        """Class-IL: the task's logits in its block of the shared head, -inf elsewhere."""
-        assert self.info is not None
-        if self.info.scenario is not Scenario.CLASS_IL:
-            return logits
-        k = self.info.outputs_per_task
-        out = logits.new_full((len(logits), self.info.head_width), float("-inf"))
-        out[:, task * k:(task + 1) * k] = logits
-        return out
-
     def local_labels(self, y: Tensor, task: int) -> Tensor:
         assert self.info is not None
         return y - task * self.info.outputs_per_task if self.info.scenario is Scenario.CLASS_IL else y
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
-        tasks = task_ids.unique().tolist()
-        if len(tasks) == 1:
-            return self.place(self.task_logits(x, tasks[0]), tasks[0])
-        parts = [self.place(self.task_logits(x[task_ids == t], t), t) for t in tasks]
-        out = parts[0].new_empty((len(x), parts[0].shape[1]))
-        for t, part in zip(tasks, parts, strict=True):
-            out[task_ids == t] = part
-        return out
+        assert self.info is not None
+        return per_task_outputs(x, task_ids, lambda t, rows: place_task_logits(self.task_logits(rows, t), t, self.info))
 
-    def train_loss(self, x: Tensor, y: Tensor, task_ids: Tensor) -> Tensor:
+    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
         """Cross-entropy of each sample on its own task's logits (local labels)."""
-        total = x.new_zeros(())
+        x, y, task_ids = batch
+        total, logits, labels = x.new_zeros(()), [], []
         for t in task_ids.unique().tolist():
             rows = task_ids == t
-            logits, labels = self.task_logits(x[rows], t), self.local_labels(y[rows], t)
-            self.record_train_error(logits, labels)
-            total = total + F.cross_entropy(logits, labels, reduction="sum")
-        return total / len(y)
-
-    def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        return self.train_loss(*batch)
+            logits.append(self.task_logits(x[rows], t))
+            labels.append(self.local_labels(y[rows], t))
+            total = total + F.cross_entropy(logits[-1], labels[-1], reduction="sum")
+        return TaskLoss(total / len(y), torch.cat(logits), torch.cat(labels))
 
     # ------------------------------------------------------------------ task inference
     def candidate_tasks(self) -> list[int]:
@@ -195,7 +177,7 @@ class SupermaskModule(ContinualModule, ABC):
         task = self.infer_task(x)
         self._record(task, task_ids)
         with torch.no_grad():
-            return self.place(self.task_logits(x, task), task)
+            return place_task_logits(self.task_logits(x, task), task, self.info)
 
     def _record(self, inferred: int, task_ids: Tensor) -> None:
         if self._counts is None:
@@ -271,13 +253,12 @@ class SupSup(SupermaskModule):
             for slot, scores in enumerate(layer.scores):
                 scores.requires_grad_(slot == task)
 
-    def storage(self) -> dict[str, int]:
+    def storage_details(self) -> dict[str, int | float]:
         assert self.info is not None
         s = self.mask_storage()
         T = self.info.num_tasks
         weights = sum(m.weight.numel() for m in self.backbone.masked_layers)
         return {
-            "model_parameters": sum(p.numel() for p in self.parameters()),
             "backbone_weights": weights,
             "stored_masks": T,
             "bytes_per_task_bitmap": s["bitmap"],

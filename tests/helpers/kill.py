@@ -11,12 +11,16 @@ event run before it. A file per point in ``marker_dir`` makes each fire once.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
+import yaml
+
 import cl_lightning.runner as runner
 from cl_lightning.callback import ContinualCallback
+from tests.helpers.run import REPO
 
 
 class KillAt(ContinualCallback):
@@ -57,3 +61,12 @@ class KillAt(ContinualCallback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self.task_finished == pl_module.current_task:  # the boundary checkpoint, not an epoch-end one
             self._kill(f"checkpoint@{pl_module.current_task}")
+
+
+def with_killer(method: str, points: list[str], marker_dir) -> str:
+    """The method's plugin list with the killer appended, as one override."""
+    node = yaml.safe_load((REPO / "configs" / "method" / f"{method}.yaml").read_text())
+    plugins = list(node["init_args"].get("plugins") or [])
+    plugins.append({"class_path": "tests.helpers.kill.KillAt",
+                    "init_args": {"points": points, "marker_dir": str(marker_dir)}})
+    return "method.plugins=" + json.dumps(plugins)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from cl_lightning.callback import ContinualCallback  # noqa: E402
 from cl_lightning.callbacks import ARIConsolidation  # noqa: E402
 from cl_lightning.runner import ContinualRunner  # noqa: E402
-from tests.test_ari import blobs, small_learner  # noqa: E402
+from tests.helpers.ari_learner import blobs, small_learner  # noqa: E402
 
 
 class DumpARIState(ContinualCallback):

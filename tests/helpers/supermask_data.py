@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from cl_lightning.datamodule import ContinualDataModule, TaskData
+from cl_lightning.datamodules import PermutedMNIST
 from cl_lightning.tasks import Description, Scenario, Task
 
 
@@ -35,3 +36,13 @@ class PermutedBlobs(ContinualDataModule):
         if self.scenario is Scenario.CLASS_IL:
             y = y + task_id * self.classes
         return TaskData(x, y, task_id)
+
+
+class SmallPermutedMNIST(PermutedMNIST):
+    """Permuted-MNIST with the test split cut to its first 1000 images (keeps the test fast)."""
+
+    def _task_split(self, task_id, split):
+        data = super()._task_split(task_id, split)
+        if split == "test":
+            data.x, data.y = data.x[:1000], data.y[:1000]
+        return data

@@ -1,0 +1,33 @@
+"""Small CIFAR files in the real pickle format (CIFAR cannot be downloaded here)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+
+
+def fake_cifar100(root, per_class_train: int = 4, per_class_test: int = 2):
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, per in (("train", per_class_train), ("test", per_class_test)):
+        labels = np.repeat(np.arange(100), per)
+        # each class has its own mean colour, so the toy is learnable
+        data = (labels[:, None] * 2 + rng.integers(0, 40, (len(labels), 3072))).clip(0, 255).astype(np.uint8)
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"data": data, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist(),
+                         b"filenames": [b"x.png"] * len(labels)}, fh)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, fh)
+    return root
+
+
+def fake_cifar10(root):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = np.arange(10).repeat(2)
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"data": np.full((20, 3072), 7, np.uint8), b"labels": labels.tolist()}, fh)
+    return root
