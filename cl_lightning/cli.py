@@ -10,21 +10,35 @@ config (``method``, ``benchmark``, ``trainer``, ``logger``, ``seed``) and runs t
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-import cl_lightning.callbacks  # noqa: F401  (registers the plugins for --help and class-name lookup)
-import cl_lightning.datamodules  # noqa: F401
-import cl_lightning.methods  # noqa: F401
+import cl_lightning.callbacks
+import cl_lightning.datamodules
+import cl_lightning.methods
 from cl_lightning.config import RUNNER_OWNED_TRAINER_KEYS, ConfigError, available, load_group_file, validate
 from cl_lightning.datamodule import ContinualDataModule
 from cl_lightning.experiment import guarded, resolve_config, run_config
 from cl_lightning.methods.base import ContinualModule
+
+
+def import_every_module(package: ModuleType) -> None:
+    """Imports every module in ``package``'s folder: LightningCLI finds subclasses (``--model.plugins+=MyPlugin``,
+    ``--model.help MyMethod``) among imported classes, so a file dropped there needs no import added anywhere."""
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(info.name)
+
+
+for _package in (cl_lightning.callbacks, cl_lightning.datamodules, cl_lightning.methods):
+    import_every_module(_package)
 
 
 class ContinualCLI(LightningCLI):

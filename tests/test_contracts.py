@@ -134,3 +134,22 @@ def test_a_project_own_top_level_package_is_not_redirected(tmp_path, monkeypatch
     (tmp_path / "callbacks" / "mine.py").write_text("class Mine:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert import_class("callbacks.mine.Mine", "x").__module__ == "callbacks.mine"
+
+
+def test_the_cli_imports_every_module_of_a_plugin_folder(tmp_path, monkeypatch):
+    """A file dropped into a plugin folder is found by LightningCLI without an import added anywhere."""
+    import sys
+
+    from cl_lightning.cli import import_every_module
+
+    folder = tmp_path / "dropin"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "my_plugin.py").write_text(
+        "from cl_lightning.callback import ContinualCallback\n\nclass MyPlugin(ContinualCallback):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import dropin
+
+    import_every_module(dropin)
+    assert "dropin.my_plugin" in sys.modules
+    assert any(c.__name__ == "MyPlugin" for c in ContinualCallback.__subclasses__())
