@@ -1,4 +1,4 @@
-"""Gradient-sign filtering with meta-learned gradient predictors (callbacks/gradient_sign.py)."""
+"""Gradient-sign filtering with meta-learned gradient predictors (cl_lightning/callbacks/gradient_sign.py)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The network is trained with iCaRL's sigmoid loss (one-hot targets for the new cl
 network's sigmoid outputs for the old ones) on the new data and, through the ``ICaRLExemplars`` plugin, on
 a batch of exemplars every step. At test time it classifies by the nearest mean of exemplars: the class whose
 normalised mean exemplar feature is closest to the sample's normalised feature (before the first task ends,
-by the head's outputs). Herding, the means and the snapshot live in the plugin (``callbacks/icarl.py``).
+by the head's outputs). Herding, the means and the snapshot live in the plugin (``cl_lightning/callbacks/icarl.py``).
 """
 
 from __future__ import annotations
