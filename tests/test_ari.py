@@ -219,7 +219,7 @@ def test_bad_configuration_names_the_value():
 # ---------------------------------------------------------------------------- DDP
 def test_ddp_two_processes_end_with_identical_buffer_and_knowledge_base(tmp_path):
     for devices in (1, 2):
-        proc = subprocess.run([sys.executable, "tests/ari_ddp.py", str(tmp_path / f"d{devices}"), str(devices)],
+        proc = subprocess.run([sys.executable, "tests/helpers/ari_ddp.py", str(tmp_path / f"d{devices}"), str(devices)],
                               cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     last = 2

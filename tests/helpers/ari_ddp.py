@@ -1,7 +1,7 @@
 """Runs the ARI learner on generated blobs with 1 or 2 CPU processes and saves, per rank, the buffer S,
 the estimator and the knowledge base after the last task (used by tests/test_ari.py).
 
-    python tests/ari_ddp.py <run_dir> <devices>
+    python tests/helpers/ari_ddp.py <run_dir> <devices>
 """
 
 from __future__ import annotations
