@@ -41,10 +41,17 @@ from torch import Tensor, nn
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.callbacks.mark_meta_update import MARKMetaUpdate
 from cl_lightning.methods.base import ContinualModule, make_optimizer, per_task_outputs
-from cl_lightning.nets.mark import FeatureExtractor, KnowledgeBase, MaskFunctions
+from cl_lightning.nets.mark import (
+    FeatureExtractor,
+    KnowledgeBase,
+    MaskFunctions,
+    SupermaskHead,
+    SupermaskMaskFunctions,
+)
 from cl_lightning.tasks import BenchmarkInfo, Scenario
 
 KB_UPDATES = ("meta", "normal", "none")
+TASK_MODULES = ("separate", "supsup")
 PHASES = ("features", "pretrain", "masks", "meta", "kb", "final")
 
 
@@ -63,6 +70,10 @@ class MARK(ContinualModule):
         feature_channels: F_t's two conv widths (authors: 32, 32 on CIFAR-100; 8, 8 on MiniImageNet).
         feature_dim: F_t's output size (None: ``latent_dim``, as the authors).
         mask_activation: ``relu`` (authors' default) or ``sigmoid``.
+        task_modules: ``separate`` (the authors': M_t and C_t per task) or ``supsup`` (the report's SupSup
+            variant, its section 6: one M and one C for all tasks over frozen signed-constant weights, each task
+            an edge-popup supermask of them; F_t stays per task, as in the report).
+        supermask_density: fraction of connections a ``supsup`` task mask keeps.
         use_masks: False drops F_t and M_t: the KB runs unmasked (the masks-off ablation, Baselines 1/2).
         train_features: False leaves each F_t at its random initialisation (the random-F ablation).
         pretrain_kb: train the KB (with C_0, no masks) on the first task (False with ``kb_update=none``:
@@ -84,7 +95,8 @@ class MARK(ContinualModule):
 
     def __init__(self, kb_channels: Sequence[int] = (64, 128, 256), latent_dim: int = 128, dropout: float = 0.5,
                  feature_channels: Sequence[int] = (32, 32), feature_dim: int | None = None,
-                 mask_activation: str = "relu", use_masks: bool = True, train_features: bool = True,
+                 mask_activation: str = "relu", task_modules: str = "separate", supermask_density: float = 0.5,
+                 use_masks: bool = True, train_features: bool = True,
                  pretrain_kb: bool = True, kb_update: str = "meta", feature_epochs: int = 50,
                  pretrain_epochs: int = 50, mask_epochs: int = 50, kb_epochs: int = 50, final_epochs: int = 50,
                  meta_steps: int = 10, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.01,
@@ -113,6 +125,11 @@ class MARK(ContinualModule):
             raise ValueError(f"kb_update={kb_update!r} does not use the MARKMetaUpdate plugin: remove it")
         if use_masks and mask_activation not in ("relu", "sigmoid"):
             raise ValueError(f"mask_activation={mask_activation!r} is not one of ['relu', 'sigmoid']")
+        if task_modules not in TASK_MODULES:
+            raise ValueError(f"task_modules={task_modules!r} is not one of {list(TASK_MODULES)}")
+        if not 0.0 < supermask_density <= 1.0:
+            raise ValueError(f"supermask_density={supermask_density} must be in (0, 1]")
+        self.task_modules, self.supermask_density = task_modules, supermask_density
         self.kb_channels, self.latent_dim, self.dropout = tuple(kb_channels), latent_dim, dropout
         self.feature_channels = tuple(feature_channels)
         self.feature_dim = feature_dim or latent_dim
@@ -137,16 +154,47 @@ class MARK(ContinualModule):
         c, size, _ = info.input_shape
         self.kb = KnowledgeBase(c, size, self.kb_channels, self.latent_dim, self.dropout)
         k, T = info.outputs_per_task, info.num_tasks
-        self.heads = nn.ModuleList(nn.Linear(self.latent_dim, k) for _ in range(T))
+        supsup = self.task_modules == "supsup"
+        if supsup:
+            self.shared_head = SupermaskHead(self.latent_dim, k, T, self.supermask_density)
+        else:
+            self.heads = nn.ModuleList(nn.Linear(self.latent_dim, k) for _ in range(T))
         if self.use_masks:
             self.extractors = nn.ModuleList(FeatureExtractor(c, size, self.feature_channels, self.feature_dim)
                                             for _ in range(T))
-            self.mask_functions = nn.ModuleList(MaskFunctions(self.feature_dim, self.kb.channels,
-                                                              self.mask_activation) for _ in range(T))
+            if supsup:
+                self.shared_masks = SupermaskMaskFunctions(self.feature_dim, self.kb.channels, T,
+                                                           self.supermask_density, self.mask_activation)
+            else:
+                self.mask_functions = nn.ModuleList(MaskFunctions(self.feature_dim, self.kb.channels,
+                                                                  self.mask_activation) for _ in range(T))
             self.feature_head = nn.Linear(self.feature_dim, k)  # F_t's temporary classifier
         self.register_buffer("kb_start", self.kb_vector().clone())
         for p in self.parameters():
             p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ the task's M and C (separate or supermasks)
+    def head_output(self, task: int, h: Tensor) -> Tensor:
+        """C_t(h)."""
+        return self.shared_head(h, task) if self.task_modules == "supsup" else self.heads[task](h)
+
+    def mask_output(self, task: int, features: Tensor) -> list[Tensor]:
+        """M_t(features): the KB blocks' masks."""
+        if self.task_modules == "supsup":
+            return self.shared_masks(features, task)
+        return self.mask_functions[task](features)
+
+    def head_params(self, task: int) -> list[nn.Parameter]:
+        """What training C_t changes: its layer, or its supermask's scores."""
+        if self.task_modules == "supsup":
+            return [self.shared_head.layer.scores[task]]
+        return list(self.heads[task].parameters())
+
+    def mask_params(self, task: int) -> list[nn.Parameter]:
+        """What training M_t changes: its layers, or its supermasks' scores."""
+        if self.task_modules == "supsup":
+            return [layer.scores[task] for layer in self.shared_masks.layers]
+        return list(self.mask_functions[task].parameters())
 
     def kb_vector(self) -> Tensor:
         return torch.cat([p.detach().flatten() for p in self.kb.parameters()])
@@ -181,7 +229,7 @@ class MARK(ContinualModule):
 
     def phase_params(self, phase: str) -> list[nn.Parameter]:
         t = self.current_task
-        head = list(self.heads[t].parameters())
+        head = self.head_params(t)
         if phase == "features":
             return [*self.extractors[t].parameters(), *self.feature_head.parameters()]
         if phase in ("pretrain", "kb"):
@@ -189,7 +237,7 @@ class MARK(ContinualModule):
         if phase == "meta":
             return list(self.kb.parameters())
         if self.use_masks:
-            return [*self.mask_functions[t].parameters(), *head]
+            return [*self.mask_params(t), *head]
         return head
 
     def setup(self, stage: str) -> None:
@@ -239,7 +287,7 @@ class MARK(ContinualModule):
         f = self.extractors[task]
         was = f.training
         f.eval()
-        masks = self.mask_functions[task](f(x))
+        masks = self.mask_output(task, f(x))
         f.train(was)
         return masks
 
@@ -251,8 +299,8 @@ class MARK(ContinualModule):
                     f = self.extractors[task]
                     f.eval()
                     feats = f(x)
-                masks = self.mask_functions[task](feats)
-        return self.heads[task](self.kb(x, masks, keep))
+                masks = self.mask_output(task, feats)
+        return self.head_output(task, self.kb(x, masks, keep))
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
         return per_task_outputs(x, task_ids, lambda t, rows: self.task_output(t, rows))
@@ -287,7 +335,7 @@ class MARK(ContinualModule):
             self.extractors[t].train()
             out = self.feature_head(self.extractors[t](x))
         elif phase == "pretrain":
-            out = self.heads[t](self.kb(x, None, self.keep_mask(batch_idx, len(x))))
+            out = self.head_output(t, self.kb(x, None, self.keep_mask(batch_idx, len(x))))
         else:
             out = self.task_output(t, x, self.keep_mask(batch_idx, len(x)))
         self.count_errors(out, y)  # MARK's phases bypass training_objective
@@ -339,11 +387,17 @@ class MARK(ContinualModule):
             self.kb_drift = {int(k): float(v) for k, v in state["kb_drift"].items()}
 
     def per_task_numel(self, task: int) -> int:
-        """Values kept for one task: F_t (parameters and batch-norm statistics), M_t and C_t."""
-        modules: list[nn.Module] = [self.heads[task]]
-        if self.use_masks:
-            modules += [self.extractors[task], self.mask_functions[task]]
-        return sum(p.numel() for m in modules for p in m.parameters()) + sum(
+        """Values kept for one task: F_t (parameters and batch-norm statistics), M_t and C_t; in the ``supsup``
+        variant M_t and C_t are binary masks, counted as bitmaps in 32-bit words (the frozen signed-constant
+        weights under them are regenerated from their seed, as SupSup's backbone)."""
+        modules: list[nn.Module] = [self.extractors[task]] if self.use_masks else []
+        if self.task_modules == "supsup":
+            masked = [self.shared_head.layer, *(self.shared_masks.layers if self.use_masks else [])]
+            bits = sum(math.ceil(layer.weight.numel() / 32) for layer in masked)
+        else:
+            modules += [self.heads[task], *([self.mask_functions[task]] if self.use_masks else [])]
+            bits = 0
+        return bits + sum(p.numel() for m in modules for p in m.parameters()) + sum(
             b.numel() for m in modules for b in m.buffers() if b.is_floating_point())
 
     def stored_counts(self) -> dict[str, int]:
@@ -355,5 +409,5 @@ class MARK(ContinualModule):
         """What one task adds, the number of tasks seen, and one KB-sized network per task for comparison."""
         seen = self.current_task + 1
         kb = sum(p.numel() for p in self.kb.parameters())
-        head = sum(p.numel() for p in self.heads[0].parameters())
+        head = self.latent_dim * self.info.outputs_per_task + self.info.outputs_per_task if self.info else 0
         return {"per_task": self.per_task_numel(0), "tasks": seen, "one_network_per_task": seen * (kb + head)}

@@ -10,6 +10,8 @@
 - :class:`FeatureExtractor`: the per-task F_t, two conv-BN-ReLU-maxpool blocks, a Linear and ReLU.
 - :class:`MaskFunctions`: the per-task M_t, one Linear + ReLU (or sigmoid) per KB block, giving a
   per-sample, per-channel mask from F_t's features.
+- :class:`SupermaskMaskFunctions`, :class:`SupermaskHead`: the report's SupSup variant, one M and one C for
+  all tasks over frozen signed-constant weights, a task being one supermask per layer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_lightning.nets.batchnorm import convert_to_global_batchnorm
+from cl_lightning.nets.masked import MaskedLinear
 
 MASK_ACTIVATIONS = ("relu", "sigmoid")
 
@@ -116,3 +119,35 @@ class MaskFunctions(nn.Module):
     def forward(self, features: Tensor) -> list[Tensor]:
         act = torch.relu if self.activation == "relu" else torch.sigmoid
         return [act(layer(features)) for layer in self.layers]
+
+
+class SupermaskMaskFunctions(nn.Module):
+    """The report's SupSup variant of M (its section 6): one set of mask functions for all tasks, each block's
+    ``Linear(features -> C_i)`` a frozen signed-constant weight with one edge-popup supermask per task
+    (:class:`cl_lightning.nets.masked.MaskedLinear`, slot = task). A task adds a binary mask, not a network."""
+
+    def __init__(self, in_dim: int, channels: Sequence[int], num_tasks: int, density: float = 0.5,
+                 activation: str = "relu", weight_seed: int = 0):
+        super().__init__()
+        if activation not in MASK_ACTIVATIONS:
+            raise ValueError(f"mask_activation={activation!r} is not one of {list(MASK_ACTIVATIONS)}")
+        self.activation = activation
+        self.layers = nn.ModuleList(MaskedLinear(in_dim, c, num_tasks, density, weight_seed=weight_seed * 1000 + i,
+                                                 score_seed=weight_seed * 1000 + i) for i, c in enumerate(channels))
+
+    def forward(self, features: Tensor, task: int) -> list[Tensor]:
+        act = torch.relu if self.activation == "relu" else torch.sigmoid
+        return [act(layer(features, [task])) for layer in self.layers]
+
+
+class SupermaskHead(nn.Module):
+    """The SupSup variant's one classifier for all tasks: ``Linear(latent -> k)`` over a frozen signed-constant
+    weight, one supermask per task."""
+
+    def __init__(self, in_dim: int, classes: int, num_tasks: int, density: float = 0.5, weight_seed: int = 0):
+        super().__init__()
+        self.layer = MaskedLinear(in_dim, classes, num_tasks, density, weight_seed=weight_seed,
+                                  score_seed=weight_seed)
+
+    def forward(self, h: Tensor, task: int) -> Tensor:
+        return self.layer(h, [task])
