@@ -70,6 +70,26 @@ def test_bad_settings_are_named():
         model.setup_tasks(SplitMNIST(data_dir="/nonexistent", scenario="task").info)
 
 
+def test_xavier_init_is_the_authors_initialisation():
+    """``init: xavier``: Xavier-uniform weight matrices, zero biases, raw outputs used as weights (hypercl's MNIST
+    scripts); the chunk embeddings stay N(0, 1)."""
+    torch.manual_seed(0)
+    hnet = ChunkedHyperNetwork(hidden_sizes=[10, 10], activation="elu", embedding_dim=96, chunk_size=5000,
+                               chunk_embedding_dim=96, init="xavier")
+    hnet.set_target_shapes([("w", (300, 105)), ("b", (300,))])
+    assert torch.equal(hnet.out_scale, torch.ones_like(hnet.out_scale)) and not hnet.has_offset
+    for name, p in hnet.named_parameters():
+        if name == "chunk_embeddings":
+            assert 0.8 < p.std() < 1.2
+        elif p.ndim == 1:
+            assert not p.any(), name
+        else:
+            bound = (6 / sum(p.shape)) ** 0.5
+            assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound, name
+    with pytest.raises(ValueError, match="init='glorot'"):
+        ChunkedHyperNetwork(init="glorot")
+
+
 # ---------------------------------------------------------------------------------------- task inference, class-IL
 @pytest.mark.slow
 def test_task_classifier_beats_entropy_where_it_confuses_and_forgets_less_than_finetuning(mnist_root, tmp_path,
