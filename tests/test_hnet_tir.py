@@ -121,6 +121,8 @@ def test_task_classifier_beats_entropy_where_it_confuses_and_forgets_less_than_f
             picked[rule].append(float((model.infer_task(x)[1] == t).float().mean()))
     model.inference = "classifier"
     tir, ent = np.asarray(picked["classifier"]), np.asarray(picked["entropy"])
+    print(f"task inference, classifier {np.round(tir, 3)}, entropy {np.round(ent, 3)}; "
+          f"ACC {run['ACC']:.3f} (fine-tuning {ft['ACC']:.3f})")
     confused = ent < 0.5
     assert confused.sum() >= 2, f"entropy confuses tasks here: {ent}"
     assert (tir[confused] > ent[confused] + 0.2).all(), (tir, ent)
@@ -194,6 +196,7 @@ def test_table_1_experiment_configs_hold_the_paper_settings(cl, scenario):
     rm = model.replay_model
     assert (rm.encoder_hidden, rm.decoder_hidden, rm.latent_dim) == ([400, 400], [50, 150], 100)
     assert rm.head.out_features == 5 and rm.decoder_target.num_params == rm.hypernetwork.num_target_weights
+    assert rm.hypernetwork.init == "xavier" and rm.hypernetwork.chunk_size == 50000
     betas = {type(p).__name__: p.beta for p in model.plugins if isinstance(p, OutputRegularizer)}
     assert betas == {"OutputRegularizer": 0.01, "ReplayModelRegularizer": 0.05}
     assert next(p for p in model.plugins if isinstance(p, TaskInferenceReplay)).batch_size == 128
