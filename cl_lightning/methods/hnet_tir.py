@@ -76,7 +76,7 @@ class HNETTIR(HNET):
         task_classifier: body of the task inference classifier (default MLP 400-400); a head with one output
             per task is appended.
         replay_hypernetwork: generates the VAE decoder's weights (default: the paper's, chunked, 10-10 ELU,
-            chunks 50000, task and chunk embeddings 96).
+            chunks 50000, task and chunk embeddings 96, the authors' Xavier initialisation).
         replay_embedding_init_std: standard deviation of the decoder hypernetwork's initial task embeddings.
         encoder_hidden, decoder_hidden, latent_dim: the VAE (paper, Split-MNIST HNET+TIR: 400-400, 50-150, 100).
         lr, optimizer, momentum, weight_decay: one optimizer over all three parts (Adam is per parameter, so this
@@ -98,7 +98,7 @@ class HNETTIR(HNET):
             raise ValueError(f"task_inference={task_inference!r} is not one of {list(RULES)}")
         if replay_hypernetwork is None:
             replay_hypernetwork = ChunkedHyperNetwork(hidden_sizes=(10, 10), activation="elu", embedding_dim=96,
-                                                      chunk_size=50000, chunk_embedding_dim=96)
+                                                      chunk_size=50000, chunk_embedding_dim=96, init="xavier")
         super().__init__(target=target, hypernetwork=hypernetwork, embedding_init_std=embedding_init_std,
                          task_inference="auto", lr=lr, optimizer=optimizer, momentum=momentum,
                          weight_decay=weight_decay, plugins=plugins)
