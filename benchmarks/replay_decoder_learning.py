@@ -2,12 +2,16 @@
 HNET+R's hypernetwork (with and without the output regularizer).
 
     python benchmarks/replay_decoder_learning.py --steps 300 --tasks 3
+    python benchmarks/replay_decoder_learning.py --init xavier --kinds hnet   # the authors' initialisation
 
 Split-MNIST tasks in order, one at a time; encoder 400-400, decoder 250-350, latent 100; the hypernetwork is
 HNET+R's (chunked, 10-10 ELU, chunks of 50,000, embeddings 96); Adam 1e-3, batches of 128; no replay and no
 classifier: only the replay model. The regularizer is the direct form of the output regularizer (no
 lookahead). Prints the held-out VAE loss (per-pixel BCE + KL / pixels, 500 test images) of every task seen
-so far after each task.
+so far after each task. ``--init``: the hypernetwork's ``scaled`` (ours) or ``pytorch`` initialisation, or
+``xavier``, what the authors' MNIST scripts do after building their networks (``hypercl``,
+``mnist/replay/train_utils_replay.py``): every weight matrix of the encoder and the hypernetwork Xavier-uniform,
+every bias zero, task and chunk embeddings N(0, 1), raw hypernetwork outputs used as weights.
 """
 
 from __future__ import annotations
@@ -30,14 +34,24 @@ from cl_lightning.nets.hypernetwork import ChunkedHyperNetwork  # noqa: E402
 from cl_lightning.nets.vae import vae_loss  # noqa: E402
 
 
-def make(kind: str, dm: SplitMNIST) -> VAEReplayModule:
+def make(kind: str, dm: SplitMNIST, init: str = "scaled") -> VAEReplayModule:
     torch.manual_seed(0)
     if kind == "own":
         model: VAEReplayModule = DGR(MLP(hidden_sizes=[400, 400]), decoder_hidden=[250, 350])
     else:
         model = HNETR(MLP(hidden_sizes=[400, 400]), hypernetwork=ChunkedHyperNetwork(
-            hidden_sizes=[10, 10], activation="elu", embedding_dim=96, chunk_size=50000, chunk_embedding_dim=96))
+            hidden_sizes=[10, 10], activation="elu", embedding_dim=96, chunk_size=50000, chunk_embedding_dim=96,
+            init="scaled" if init == "scaled" else "pytorch"))
     model.setup_tasks(dm.info)
+    if init == "xavier" and isinstance(model, HNETR):
+        with torch.no_grad():
+            for name, p in [*model.hypernetwork.named_parameters(), *model.encoder.named_parameters()]:
+                if name == "chunk_embeddings":
+                    p.normal_()
+                elif p.ndim == 1:
+                    p.zero_()
+                else:
+                    torch.nn.init.xavier_uniform_(p)
     return model
 
 
@@ -74,13 +88,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init", choices=["scaled", "pytorch", "xavier"], default="scaled",
+                        help="the hypernetwork's initialisation (xavier: the authors' scripts')")
+    parser.add_argument("--kinds", nargs="+", choices=["own", "hnet", "hnet0"], default=["own", "hnet", "hnet0"],
+                        help="own: the decoder's own weights; hnet: hypernetwork, beta=0.01; hnet0: beta=0")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dm = SplitMNIST(data_dir=data_dir(), scenario="class")
     print(f"{args.steps} steps per task, tasks 1..{args.tasks}; held-out VAE loss of tasks 1..t after task t")
-    for name, kind, beta in (("own weights, no protection", "own", 0.0), ("hypernetwork, beta=0.01", "hnet", 0.01),
-                             ("hypernetwork, beta=0", "hnet", 0.0)):
-        model, began, rows = make(kind, dm), time.perf_counter(), []
+    variants = {"own": ("own weights, no protection", "own", 0.0), "hnet": ("hypernetwork, beta=0.01", "hnet", 0.01),
+                "hnet0": ("hypernetwork, beta=0", "hnet", 0.0)}
+    print(f"hypernetwork initialisation: {args.init}")
+    for name, kind, beta in (variants[k] for k in args.kinds):
+        model, began, rows = make(kind, dm, args.init), time.perf_counter(), []
         for task in range(args.tasks):
             train_task(model, dm, task, args.steps, beta)
             rows.append([round(held_out_loss(model, dm, j), 4) for j in range(task + 1)])

@@ -3,11 +3,14 @@
     python benchmarks/replay_reproduce.py --steps 500 --seeds 0           # scaled (benchmarks/hnet.md)
     python benchmarks/replay_reproduce.py --methods hnet_r --scenarios 1  # S-CL1, "during" vs "after"
     python benchmarks/replay_reproduce.py --steps 2000 --seeds 0 1 2      # the paper's budget
+    python benchmarks/replay_reproduce.py --methods hnet_tir --steps 500  # HNET+TIR (CL2 / CL3 only)
 
 Each run is the experiment config ``configs/experiment/<method>_split_mnist_cl<1|2|3>.yaml`` through the same
 runner as ``train.py``; ``--steps`` replaces its 2000 steps per task, ``--train-samples`` subsamples each task's
 training data, and the printout says what was scaled. It prints ACC (mean of the last row of R, in %) per
-seed and the mean +- std over seeds, and for the replay methods the "during" (diagonal) mean too.
+seed and the mean +- std over seeds, and for the replay methods the "during" (diagonal) mean too. For HNET+TIR it
+also prints the task classifier's task-inference accuracy on each task's test inputs, and HNET+ENT's entropy rule's
+on the same trained model (the ACC that rule would give is printed beside it).
 """
 
 from __future__ import annotations
@@ -28,45 +31,86 @@ from cl_lightning.config import compose  # noqa: E402
 #: von Oswald et al. 2020, Table 1 (Split-MNIST, mean +- std over their seeds): (CL1, CL2, CL3).
 PAPER = {"hnet_r": ((99.83, 0.01), (98.00, 0.03), (95.30, 0.13)), "dgr": ((99.61, 0.02), (96.83, 0.20), (91.79, 0.32)),
          "si": ((99.09, 0.15), (65.36, 1.57), (19.99, 0.06)),
-         "online_ewc": ((99.12, 0.11), (64.32, 1.90), (19.96, 0.07))}
+         "online_ewc": ((99.12, 0.11), (64.32, 1.90), (19.96, 0.07)),
+         "hnet_tir": ((99.79, 0.01), (94.43, 0.28), (89.59, 0.59))}
 #: Appendix D, "during" (just after each task) for S-CL1.
 PAPER_DURING_CL1 = {"hnet_r": 99.82}
-NAMES = {"hnet_r": "HNET+R", "dgr": "DGR+distill", "si": "SI", "online_ewc": "online EWC"}
+NAMES = {"hnet_r": "HNET+R", "dgr": "DGR+distill", "si": "SI", "online_ewc": "online EWC", "hnet_tir": "HNET+TIR"}
+#: Methods without a CL1 (task-IL) experiment: HNET+TIR infers the task, which task-IL gives (there it is HNET).
+NO_CL1 = {"hnet_tir"}
 
 
-def run(method: str, cl: int, seed: int, steps: int, samples: int | None) -> dict:
+def run(method: str, cl: int, seed: int, steps: int, samples: int | None,
+        extra: list[str] | None = None) -> tuple[dict, object, object]:
     overrides = [f"experiment={method}_split_mnist_cl{cl}", "logger=none", f"data_dir={data_dir()}",
                  "trainer.enable_progress_bar=false", f"trainer.max_steps={steps}", f"seed={seed}"]
     if samples is not None:
         overrides.append(f"benchmark.train_samples_per_task={samples}")
+    overrides += extra or []
     cfg = compose(overrides)
-    return timed_run(cfg)[0]
+    metrics, model = timed_run(cfg)
+    return metrics, model, cfg
+
+
+@torch.no_grad()
+def task_inference(model, cfg: dict) -> dict[str, list[float]]:
+    """HNET+TIR: per task, the share of its test inputs whose task each rule picks, and the accuracy that rule
+    gives, on the trained model ("classifier": the task classifier, HNET+TIR; "entropy": HNET+ENT's rule)."""
+    from cl_lightning.experiment import build
+
+    _, dm = build(cfg)
+    model.eval()
+    out: dict[str, list[float]] = {}
+    rule_before = model.inference
+    for rule in ("classifier", "entropy"):
+        model.inference = rule
+        picked, correct = [], []
+        for t in range(dm.info.num_tasks):
+            test = dm.split(t, "test")
+            x, y, tid = test[torch.arange(len(test))]
+            logits, chosen = model.infer_task(x)
+            picked.append(float((chosen == t).float().mean()) * 100)
+            correct.append(float((model.place(logits, chosen).argmax(1) == y).float().mean()) * 100)
+        out[rule], out[rule + "_acc"] = picked, correct
+    model.inference = rule_before
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(PAPER), choices=list(PAPER))
+    parser.add_argument("--methods", nargs="+", default=[m for m in PAPER if m != "hnet_tir"], choices=list(PAPER))
     parser.add_argument("--scenarios", nargs="+", type=int, default=[2, 3], choices=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per task (paper: 2000)")
     parser.add_argument("--train-samples", type=int, default=None, help="training samples per task (paper: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--override", nargs="*", default=[],
+                        help="further config overrides, e.g. method.replay_hypernetwork.init=xavier")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"Split-MNIST, {args.steps} steps per task (paper 2000), batch 128 (+128 replayed), "
-          f"train samples per task: {args.train_samples or 'all'}, seeds {args.seeds}, {args.threads} thread(s)")
+          f"train samples per task: {args.train_samples or 'all'}, seeds {args.seeds}, {args.threads} thread(s)"
+          + (f", overrides {args.override}" if args.override else ""))
     rows = []
     for method in args.methods:
         for cl in args.scenarios:
+            if cl == 1 and method in NO_CL1:
+                continue
             accs, during, walls = [], [], []
             for seed in args.seeds:
-                m = run(method, cl, seed, args.steps, args.train_samples)
+                m, model, cfg = run(method, cl, seed, args.steps, args.train_samples, args.override)
                 R = np.asarray(m["R"]) * 100
                 accs.append(R[-1].mean())
                 during.append(np.diag(R).mean())
                 walls.append(m["wall_seconds"])
                 print(f"  {NAMES[method]:12s} CL{cl} seed {seed}: ACC {accs[-1]:6.2f}  during {during[-1]:6.2f}  "
                       f"last row {np.round(R[-1], 1).tolist()}  ({walls[-1]:.0f} s)", flush=True)
+                if method == "hnet_tir":
+                    ti = task_inference(model, cfg)
+                    for rule, name in (("classifier", "task classifier"), ("entropy", "entropy (ENT)")):
+                        print(f"    task inference by {name:15s}: {np.round(ti[rule], 1).tolist()} "
+                              f"(mean {np.mean(ti[rule]):.2f}); ACC with it {np.mean(ti[rule + '_acc']):.2f}",
+                              flush=True)
             paper, paper_std = PAPER[method][cl - 1]
             rows.append((NAMES[method], cl, np.mean(accs), np.std(accs), np.mean(during), paper, paper_std,
                          np.mean(walls), method))

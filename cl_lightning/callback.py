@@ -21,6 +21,11 @@ import lightning as L
 from torch import Tensor
 
 
+def missing_members(obj: Any, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``obj`` lacks."""
+    return [name for name in protocol_members(protocol) if not hasattr(obj, name)]
+
+
 class TaskLoss(NamedTuple):
     """A method's loss on one training batch before the plugins' penalties, with the logits and targets the
     error count (the ARI of every run) is taken from; ``logits=None`` when the step has none to count."""
@@ -61,7 +66,7 @@ class ContinualCallback(L.Callback):
         """Raises a ``ValueError`` naming the members of :attr:`host` that ``module`` lacks."""
         if self.host is None:
             return
-        missing = [name for name in protocol_members(self.host) if not hasattr(module, name)]
+        missing = missing_members(module, self.host)
         if missing:
             raise ValueError(f"plugins: {type(self).__name__} needs a method that provides {self.host.__name__} "
                              f"({', '.join(missing)}); {type(module).__name__} does not")

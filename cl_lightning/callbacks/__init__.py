@@ -12,7 +12,8 @@ from cl_lightning.callbacks.mask_basis import MaskBasisFreezing
 from cl_lightning.callbacks.rehearsal import RehearsalPlugin
 from cl_lightning.callbacks.replay import DarkExperienceReplay, ExperienceReplay
 from cl_lightning.callbacks.si import SI
+from cl_lightning.callbacks.task_inference import ReplayModelRegularizer, TaskInferenceReplay
 
 __all__ = ["AGEM", "EWC", "GEM", "SI", "ARIConsolidation", "DarkExperienceReplay", "ExperienceReplay",
            "GradientSignFilter", "ICaRLExemplars", "LwF", "MARKMetaUpdate", "MaskBasisFreezing", "OutputRegularizer",
-           "RehearsalPlugin"]
+           "RehearsalPlugin", "ReplayModelRegularizer", "TaskInferenceReplay"]

@@ -5,11 +5,12 @@ from cl_lightning.methods.base import ContinualModule, JointTraining
 from cl_lightning.methods.er_ace import ERACE
 from cl_lightning.methods.gdumb import GDumb
 from cl_lightning.methods.hnet import HNET
+from cl_lightning.methods.hnet_tir import HNETTIR
 from cl_lightning.methods.icarl import ICaRL
 from cl_lightning.methods.impresslearn import ImpressLearn
 from cl_lightning.methods.mark import MARK
 from cl_lightning.methods.replay import DGR, HNETR, VAEReplayModule
 from cl_lightning.methods.supsup import SupermaskModule, SupSup
 
-__all__ = ["DGR", "HNET", "HNETR", "MARK", "ARILearner", "ContinualModule", "ERACE", "GDumb", "ICaRL", "ImpressLearn",
-           "JointTraining", "SupSup", "SupermaskModule", "VAEReplayModule"]
+__all__ = ["DGR", "HNET", "HNETR", "HNETTIR", "MARK", "ARILearner", "ContinualModule", "ERACE", "GDumb", "ICaRL",
+           "ImpressLearn", "JointTraining", "SupSup", "SupermaskModule", "VAEReplayModule"]

@@ -27,7 +27,9 @@ The last layer is a :class:`TransposedLinear`: its weight ``[K, H]`` is held as 
 over its long dimension ``K`` (generating, the weight gradient ``z^T dY``, the output penalty and its gradient)
 then run over contiguous rows of ``W^T``, and the fused optimizer updates one contiguous tensor; on a CPU both
 cost several times more the other way round. ``init="pytorch"`` drops the fixed output scale and offset and
-keeps PyTorch's default initialisation, as the paper's code did.
+keeps PyTorch's default initialisation; ``init="xavier"`` drops them too and initialises every weight matrix
+Xavier-uniform and every bias to zero, which is what the authors' MNIST scripts do after building their networks
+(``hypercl``: ``mnist/train_utils.py``, ``mnist/replay/train_utils_replay.py``; chunk and task embeddings N(0, 1)).
 """
 
 from __future__ import annotations
@@ -110,10 +112,11 @@ class HyperNetwork(nn.Module):
         init: ``scaled`` (ours): generated weights are ``offset + scale * raw`` with the fixed per-tensor scale
             of the module docstring and raw outputs of unit variance, so the target starts at its usual
             initialisation scale; ``pytorch``: the layers at PyTorch's default initialisation and the raw
-            outputs used as weights, as in the paper's code (von Oswald et al. 2020, before hyperfan init).
+            outputs used as weights; ``xavier``: Xavier-uniform weight matrices, zero biases and the raw outputs
+            used as weights, as the paper's MNIST code initialises its hypernetworks (von Oswald et al. 2020).
     """
 
-    INITS = ("scaled", "pytorch")
+    INITS = ("scaled", "pytorch", "xavier")
 
     def __init__(self, hidden_sizes: Sequence[int] = (100, 100), activation: str = "relu",
                  embedding_dim: int = 32, init: str = "scaled"):
@@ -145,7 +148,7 @@ class HyperNetwork(nn.Module):
         self.target_shapes = shapes
         self.num_outputs = sum(math.prod(s) for _, s in shapes)
         offset, scale = output_affine(shapes)
-        if self.init == "pytorch":
+        if self.init in ("pytorch", "xavier"):
             offset, scale = torch.zeros_like(offset), torch.ones_like(scale)
         self.register_buffer("out_offset", offset, persistent=False)
         self.register_buffer("out_scale", scale, persistent=False)
@@ -160,10 +163,18 @@ class HyperNetwork(nn.Module):
             if self.init == "scaled":
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                 nn.init.zeros_(layer.bias)
+            elif self.init == "xavier":
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
             hidden.append(layer)
             width = h
         out = TransposedLinear(width, out_features)
         if self.init == "pytorch":
+            return hidden, out
+        if self.init == "xavier":
+            with torch.no_grad():  # weight_t [H, K]: Xavier's bound is symmetric in fan-in and fan-out
+                nn.init.xavier_uniform_(out.weight_t)
+                out.bias.zero_()
             return hidden, out
         # raw outputs of about unit variance: the fixed output scale then sets the target's init scale
         with torch.no_grad():
