@@ -111,7 +111,14 @@ def run(method: str, args: argparse.Namespace, seed: int, keep_rate: float | Non
 
     runner.make_trainer = make_trainer  # type: ignore[method-assign]
     began = time.perf_counter()
-    metrics = runner.run()
+    try:
+        metrics = runner.run()
+    except FloatingPointError as error:  # the filter stops a run whose parameters became NaN / inf
+        rows = np.asarray(runner.record.rows)
+        metrics = {"diverged_in_task": len(rows), "error": str(error), "R": rows.tolist(), "ACC": None,
+                   "BWT": None, "storage": None}
+        if plugins and plugins[0].filtered_total:  # the share kept in the finished tasks, then in the diverging
+            plugins[0].kept_history.append(plugins[0].kept_fraction)  # one until it stopped
     metrics["wall_seconds"] = time.perf_counter() - began
     metrics["curve"] = curve.points if curve is not None else []
     if plugins and isinstance(plugins[0], GradientSignFilter):
@@ -124,7 +131,11 @@ def run(method: str, args: argparse.Namespace, seed: int, keep_rate: float | Non
 
 
 def show(name: str, m: dict) -> None:
-    print(f"\n== {name}: ACC {m['ACC']:.4f}  BWT {m['BWT']:+.4f}  ({m['wall_seconds']:.0f} s)")
+    if m["ACC"] is None:
+        print(f"\n== {name}: DIVERGED (parameters not finite) in task {m['diverged_in_task']} (0-based); "
+              f"({m['wall_seconds']:.0f} s)")
+    else:
+        print(f"\n== {name}: ACC {m['ACC']:.4f}  BWT {m['BWT']:+.4f}  ({m['wall_seconds']:.0f} s)")
     for i, row in enumerate(m["R"]):
         print(f"  after task {i}: " + " ".join(f"{v:.3f}" for v in row))
     if "kept_per_task" in m:
@@ -133,6 +144,22 @@ def show(name: str, m: dict) -> None:
             print("  predictor fits (normalised MSE, 1.0 = zero predictor):",
                   ", ".join(f"{k}={v:.3f}" for d in m["fit_losses"] for k, v in d.items() if k != "task"))
         print("  storage:", m["storage"], m["storage_breakdown"])
+
+
+def table(runs: dict[str, list[dict]]) -> None:
+    """Mean ± population std over the seeds of every method; diverged runs are counted, not averaged."""
+    print("| | seeds | ACC | BWT | kept (tasks 2..T) | paper (Fig. 1) |")
+    print("|---|---|---|---|---|---|")
+    for method, ms in runs.items():
+        done = [m for m in ms if m["ACC"] is not None]
+        acc, bwt = [m["ACC"] for m in done], [m["BWT"] for m in done]
+        kept = [np.mean(m["kept_per_task"][1:]) for m in ms if m.get("kept_per_task")]
+        diverged = [f"seed {m['seed']}: task {m['diverged_in_task'] + 1}" for m in ms if m["ACC"] is None]
+        cells = (f"{np.mean(acc):.3f} ± {np.std(acc):.3f} | {np.mean(bwt):+.3f} ± {np.std(bwt):.3f}" if done
+                 else "- | -")
+        note = f" (diverged: {', '.join(diverged)})" if diverged else ""
+        print(f"| {NAMES[method]} | {len(done)} of {len(ms)}{note} | {cells} | "
+              f"{f'{np.mean(kept):.3f}' if kept else '-'} | {PAPER.get(method, '-')} |")
 
 
 def plot(results: dict[str, dict], path: str, steps: int) -> None:
@@ -151,7 +178,8 @@ def plot(results: dict[str, dict], path: str, steps: int) -> None:
             ax.plot(xs, accs[:, t], label=f"task {t + 1}")
         for t in range(1, accs.shape[1]):
             ax.axvline(t * steps, color="grey", lw=0.5)
-        ax.set_title(f"{name}: ACC {m['ACC']:.3f}, BWT {m['BWT']:+.3f}")
+        ax.set_title(f"{name}: ACC {m['ACC']:.3f}, BWT {m['BWT']:+.3f}" if m["ACC"] is not None else
+                     f"{name}: diverged in task {m['diverged_in_task'] + 1}", fontsize=9)
         ax.set_xlabel("iteration")
     np.atleast_1d(axes)[0].set_ylabel("test accuracy")
     np.atleast_1d(axes)[-1].legend()
@@ -186,7 +214,21 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write both runs' metrics here")
     p.add_argument("--previous-value", action="store_true",
                    help="also run the filter with the previous value as a predictor input")
+    p.add_argument("--merge", nargs="+", default=None, help="only print the table of these --json files together")
     args = p.parse_args()
+    if args.merge:  # runs of several invocations (e.g. seeds run one after another), one table
+        runs: dict[str, list[dict]] = {}
+        for path in args.merge:
+            saved = json.loads(Path(path).read_text())
+            print(saved["setting"])
+            for method, ms in saved["runs"].items():
+                runs.setdefault(method, []).extend(ms)
+        table(runs)
+        first = {NAMES[m]: ms[0] for m, ms in runs.items() if ms and ms[0]["curve"]}
+        if first:
+            plot(first, args.out, args.steps)
+            print(f"\nplot (each method's first run with curves): {args.out}")
+        return
     if args.paper:
         args.steps, args.predictor_hidden, args.predictor_steps = 2000, [256, 256, 256], 1000
     if "random" in args.methods and "gradsign" not in args.methods[: args.methods.index("random")] \
@@ -204,6 +246,7 @@ def main() -> None:
             if method == "random" and runs.get("gradsign"):  # the same seed's filter run came first
                 keep = float(np.mean(runs["gradsign"][-1]["kept_per_task"][1:]))
             m = run(method, args, seed, keep if method == "random" else None)
+            m["seed"] = seed
             if method == "random":
                 m["keep_rate"] = keep
             runs[method].append(m)
@@ -213,14 +256,8 @@ def main() -> None:
         if seed == args.seeds[0] and args.previous_value:
             show("filter, previous value input", run("gradsign_previous", args, seed))
     print(f"\n{setting}; seeds {args.seeds}, mean ± std (population std over the seeds)\n")
-    print("| | ACC | BWT | kept (tasks 2..T) | paper (Fig. 1) |")
-    print("|---|---|---|---|---|")
-    for method, ms in runs.items():
-        acc, bwt = [m["ACC"] for m in ms], [m["BWT"] for m in ms]
-        kept = [np.mean(m["kept_per_task"][1:]) for m in ms if "kept_per_task" in m]
-        print(f"| {NAMES[method]} | {np.mean(acc):.3f} ± {np.std(acc):.3f} | {np.mean(bwt):+.3f} ± {np.std(bwt):.3f} "
-              f"| {f'{np.mean(kept):.3f}' if kept else '-'} | {PAPER.get(method, '-')} |")
-    first = {NAMES[m]: ms[0] for m, ms in runs.items() if ms[0]["curve"]}
+    table(runs)
+    first = {NAMES[m]: ms[0] for m, ms in runs.items() if ms and ms[0]["curve"]}
     if first:
         plot(first, args.out, args.steps)
         print(f"\nplot (seed {args.seeds[0]}): {args.out}")

@@ -1,5 +1,5 @@
 """Gradient-sign filtering with meta-learned gradient predictors ("Enabling continual learning in
-neural networks with meta learning", ICML AMTL workshop 2019).
+neural networks with meta learning", an anonymous preliminary submission in the ICML 2019 format).
 
 While a task trains, (parameter value, descent direction) pairs of randomly chosen coordinates are
 collected; at the task's end a coordinate-wise predictor h_t (``callbacks.gradient_predictor``) is
