@@ -84,7 +84,7 @@ def run(method: str, args: argparse.Namespace, seed: int, keep_rate: float | Non
     if method.startswith("gradsign"):
         previous = method == "gradsign_previous"  # the previous value as a second input: no table
         plugins = [GradientSignFilter(hidden_sizes=args.predictor_hidden, predictor_steps=args.predictor_steps,
-                                      distill_steps=args.predictor_steps, combine=args.combine,
+                                      distill_steps=args.predictor_steps, combine=args.combine, distill=args.distill,
                                       distill_points=args.distill_points, seed=seed,
                                       previous_value=previous, table_size=0 if previous else 4097)]
     elif method == "random":
@@ -198,6 +198,8 @@ def main() -> None:
     p.add_argument("--predictor-hidden", type=int, nargs="+", default=[64, 64, 64], help="paper: 256 256 256")
     p.add_argument("--predictor-steps", type=int, default=500)
     p.add_argument("--distill-points", type=int, default=50_000)
+    p.add_argument("--distill", action="store_true", help="distil the past predictors into one g (the paper's "
+                   "Section 5.2, future work there); default: the mean of every past h (its Section 2.3, Fig. 1)")
     p.add_argument("--combine", default="mean")
     p.add_argument("--curve-every", type=int, default=50)
     p.add_argument("--curve-samples", type=int, default=1000)
