@@ -1,5 +1,5 @@
 """Gradient-sign filtering with meta-learned gradient predictors ("Enabling continual learning in
-neural networks with meta learning", ICML AMTL workshop 2019).
+neural networks with meta learning", an anonymous preliminary submission in the ICML 2019 format).
 
 While a task trains, (parameter value, descent direction) pairs of randomly chosen coordinates are
 collected; at the task's end a coordinate-wise predictor h_t (``cl_lightning.callbacks.gradient_predictor``) is
@@ -21,6 +21,11 @@ tasks (A-GEM's memory, ``cl_lightning.callbacks.gem.AGEM``), and on every later 
 the gradient of the loss on ``memory_batch_size`` memory samples at the current parameters (all-reduced across
 ranks, as A-GEM's reference gradient). No pairs are collected and no predictor is fitted. In ``update`` mode
 (Adam, momentum) the optimizer's step is compared with that gradient's sign.
+
+``reference="random"`` is a control, not a method: from the second task on each coordinate of the update is
+kept with probability ``keep_rate``, independently at every step (a fresh mask from the seeded generator, the
+same on every rank), whatever its sign. Run at the keep rate the sign rule produced, it tells whether the
+filter's effect comes from *which* coordinates it drops or merely from dropping that many (a smaller step).
 
 Distributed: gradients are already reduced in ``on_before_optimizer_step`` and the parameters are the
 same on every rank, so with the rank-independent sampling generator every rank collects the same pairs
@@ -47,7 +52,7 @@ from cl_lightning.callbacks.gradient_predictor import (
 )
 
 COMBINES = ("mean", "each")
-REFERENCES = ("predictor", "memory")
+REFERENCES = ("predictor", "memory", "random")
 FILTER_MODES = ("auto", "gradient", "update")
 
 
@@ -77,10 +82,12 @@ class GradientSignFilter(ContinualCallback):
         table_size: grid points of the interpolation table (see ``PredictorTable``); 0 evaluates the
             predictor on every coordinate at every step instead.
         seed: seed of the coordinate sampling and of the predictor fits (the same on every rank).
-        reference: ``predictor`` (the paper: meta-learned gradient predictors) or ``memory`` (the gradient of a
-            rehearsal memory batch at the current parameters; the predictor options are then unused).
+        reference: ``predictor`` (the paper: meta-learned gradient predictors), ``memory`` (the gradient of a
+            rehearsal memory batch at the current parameters) or ``random`` (a control: a random mask that keeps
+            ``keep_rate`` of the coordinates); the predictor options are unused by the last two.
         memory_size: with ``memory``, samples kept across all tasks (split equally between them).
         memory_batch_size: with ``memory``, memory samples behind each step's old-task gradient.
+        keep_rate: with ``random``, the probability that a coordinate is kept at a step (in (0, 1]).
     """
 
     def __init__(self, hidden_sizes: list[int] = (256, 256, 256), combine: str = "mean", distill: bool = True,
@@ -88,11 +95,17 @@ class GradientSignFilter(ContinualCallback):
                  max_pairs: int = 200_000, predictor_steps: int = 1000, predictor_batch_size: int = 1024,
                  predictor_lr: float = 1e-3, distill_steps: int = 1000, distill_points: int = 100_000,
                  layer_position: bool = False, previous_value: bool = False, table_size: int = 4097,
-                 seed: int = 0, reference: str = "predictor", memory_size: int = 1000, memory_batch_size: int = 64):
+                 seed: int = 0, reference: str = "predictor", memory_size: int = 1000, memory_batch_size: int = 64,
+                 keep_rate: float = 0.5):
         super().__init__()
         if reference not in REFERENCES:
             raise ValueError(f"reference={reference!r} is not one of {list(REFERENCES)}")
         self.reference = reference
+        if reference == "random" and not 0.0 < keep_rate <= 1.0:
+            raise ValueError(f"keep_rate={keep_rate} must be in (0, 1] for reference='random'")
+        self.keep_rate = float(keep_rate)
+        #: The share of coordinates kept in each finished task (1.0 for the first, unfiltered one).
+        self.kept_history: list[float] = []
         #: The memory and its reference gradient (``reference=memory``): A-GEM's, used as a helper.
         self.rehearsal = AGEM(memory_size, memory_batch_size, seed) if reference == "memory" else None
         self.last_reference: list[Tensor] | None = None  # the last memory gradient, per parameter (diagnostic)
@@ -162,6 +175,10 @@ class GradientSignFilter(ContinualCallback):
             self.rehearsal.on_task_start(trainer, module, task_id)
 
     def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+        self.kept_history.append(self.kept_fraction)
+        if self.reference == "random":  # the control has nothing to learn from a task
+            self.tasks_learned += 1
+            return
         if self.rehearsal is not None:  # the memory is the reference: no predictor to fit
             self.rehearsal.insert_task(trainer, module, task_id)
             self.tasks_learned += 1
@@ -261,12 +278,14 @@ class GradientSignFilter(ContinualCallback):
         previous = self.previous_values(params)
         if self.previous_value:  # the values before this step are the next step's previous values
             self.previous = [p.detach().clone() for _, p in params]
-        if self.rehearsal is None and self.step_count % self.collect_every == 0:
+        if self.reference == "predictor" and self.step_count % self.collect_every == 0:
             self.collect(optimizer, params, previous)
         self.step_count += 1
         if not self.active:
             return
-        if self.rehearsal is not None:
+        if self.reference == "random":
+            preds = self.random_masks(params)
+        elif self.rehearsal is not None:
             preds = self.memory_directions(trainer, pl_module, params)
         else:
             preds = self.predicted(params, previous)
@@ -274,7 +293,7 @@ class GradientSignFilter(ContinualCallback):
         kept = total = 0.0
         if mode == "gradient":
             for (_, p), pred in zip(params, preds, strict=True):
-                mask = self.agreement(p.grad, pred)
+                mask = self.mask_of(p.grad, pred)
                 p.grad.mul_(mask)
                 kept += float(mask.sum())
                 total += mask.numel()
@@ -291,7 +310,7 @@ class GradientSignFilter(ContinualCallback):
         kept = total = 0.0
         for p, before, pred in self._pending:
             direction = before - p  # -(step): the descent direction times lr
-            mask = self.agreement(direction, pred)
+            mask = self.mask_of(direction, pred)
             p.copy_(torch.where(mask.bool(), p, before))
             kept += float(mask.sum())
             total += mask.numel()
@@ -306,6 +325,18 @@ class GradientSignFilter(ContinualCallback):
         parts = list(flat.split([p.numel() for _, p in params]))
         self.last_reference = [g.view_as(p) for g, (_, p) in zip(parts, params, strict=True)]
         return [[g] for g in self.last_reference]
+
+    def random_masks(self, params: list[tuple[str, Tensor]]) -> list[list[Tensor]]:
+        """``reference=random``: per parameter, a fresh 0/1 mask with ``keep_rate`` ones in expectation, drawn
+        from the plugin's (rank-independent, checkpointed) generator."""
+        return [[(torch.rand(p.shape, generator=self.generator) < self.keep_rate).to(p.device, p.dtype)]
+                for _, p in params]
+
+    def mask_of(self, direction: Tensor, preds: list[Tensor]) -> Tensor:
+        """The 0/1 mask of one parameter: the random mask itself (``random``), else the sign rule."""
+        if self.reference == "random":
+            return preds[0].to(direction.dtype)
+        return self.agreement(direction, preds)
 
     def agreement(self, direction: Tensor, preds: list[Tensor]) -> Tensor:
         """1 where ``direction`` agrees in sign with every predicted direction (zero predictions agree
@@ -416,7 +447,7 @@ class GradientSignFilter(ContinualCallback):
                 "running": None if self.running is None else {k: v.cpu() for k, v in
                                                               self.running.state_dict().items()},
                 "past": [{k: v.cpu() for k, v in h.state_dict().items()} for h in self.past],
-                "fit_losses": copy.deepcopy(self.fit_losses)}
+                "fit_losses": copy.deepcopy(self.fit_losses), "kept_history": list(self.kept_history)}
 
     def _predictor(self, state: dict[str, Tensor]) -> CoordinatePredictor:
         h = CoordinatePredictor(self.hidden_sizes, self.layer_position, self.previous_value)
@@ -429,6 +460,7 @@ class GradientSignFilter(ContinualCallback):
         self.running = None if state["running"] is None else self._predictor(state["running"])
         self.past = [self._predictor(s) for s in state["past"]]
         self.fit_losses = list(state.get("fit_losses", []))
+        self.kept_history = list(state.get("kept_history", []))
         self._tables = None
 
     def plugin_state(self) -> dict[str, Any]:
