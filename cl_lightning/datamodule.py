@@ -241,3 +241,9 @@ class ContinualDataModule(L.LightningDataModule, ABC):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self.task_dataloader(t, "test") for t in range(self.num_tasks)]
+
+
+def benchmark_of(trainer: L.Trainer) -> ContinualDataModule:
+    """The benchmark ``trainer`` runs: Lightning sets ``trainer.datamodule`` when a fit starts, which its type
+    hints do not declare."""
+    return trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector, not declared

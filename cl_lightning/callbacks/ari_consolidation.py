@@ -18,7 +18,7 @@ broadcast from rank 0, so S, ``q`` and the KB are identical on every rank.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lightning as L
 import torch
@@ -27,6 +27,9 @@ from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.metrics import adaptation_rate_integral
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 
 class ARIHost(Protocol):
@@ -110,7 +113,7 @@ class ARIConsolidation(ContinualCallback):
         self.task_sigs = torch.cat([self.task_sigs, task_sigs.cpu()])
 
     # ------------------------------------------------------------------ consolidation
-    def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         errors = module.exploration_errors()  # [steps, Q], the same on every rank
         true_ari = torch.as_tensor(adaptation_rate_integral(errors.T.cpu()), dtype=torch.float).reshape(-1)
         record: dict[str, Any] = {"task": task_id, "candidates": [list(s) for s in module.candidate_sources],

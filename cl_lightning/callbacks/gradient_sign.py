@@ -30,7 +30,7 @@ and fits the same predictor; rank 0's predictors are broadcast anyway at each ta
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -45,6 +45,9 @@ from cl_lightning.callbacks.gradient_predictor import (
     distill_mean,
     fit_predictor,
 )
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 COMBINES = ("mean", "each")
 REFERENCES = ("predictor", "memory")
@@ -151,7 +154,7 @@ class GradientSignFilter(ContinualCallback):
         self.filled = 0
         self.seen = 0
 
-    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         self._reset_buffer()
         self.step_count = 0
         self.kept = self.filtered_total = 0.0
@@ -161,7 +164,7 @@ class GradientSignFilter(ContinualCallback):
         if self.rehearsal is not None:
             self.rehearsal.on_task_start(trainer, module, task_id)
 
-    def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         if self.rehearsal is not None:  # the memory is the reference: no predictor to fit
             self.rehearsal.insert_task(trainer, module, task_id)
             self.tasks_learned += 1
@@ -236,7 +239,7 @@ class GradientSignFilter(ContinualCallback):
 
     # ------------------------------------------------------------------ per step
     @staticmethod
-    def _params(module: L.LightningModule) -> list[tuple[str, Tensor]]:
+    def _params(module: ContinualModule) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
     def _positions(self, params: list[tuple[str, Tensor]]) -> list[float | None]:
@@ -299,7 +302,7 @@ class GradientSignFilter(ContinualCallback):
         self.filtered_total += total
         self._pending = None
 
-    def memory_directions(self, trainer: L.Trainer, module: L.LightningModule, params: list[tuple[str, Tensor]]
+    def memory_directions(self, trainer: L.Trainer, module: ContinualModule, params: list[tuple[str, Tensor]]
                           ) -> list[list[Tensor]]:
         """The old-task descent direction of every parameter: the loss gradient of a memory batch here."""
         flat = self.rehearsal.reference_gradient(trainer, module, [n for n, _ in params])

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.datamodule import benchmark_of
 
 
 class MARKHost(Protocol):
@@ -265,8 +266,8 @@ class MARKMetaUpdate(ContinualCallback):
             return
         pl_module.pending_meta_step = None
         task = pl_module.current_task
-        data = trainer.datamodule.split(task, "train")
-        batch = self.batch_size or trainer.datamodule.batch_size
+        data = benchmark_of(trainer).split(task, "train")
+        batch = self.batch_size or benchmark_of(trainer).batch_size
         g = seeded_generator(pl_module.run_seed, task, step)
         with torch.no_grad():
             tasks = self.sample(pl_module, data, task, g, batch)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.callbacks.ari_consolidation import ARIConsolidation
+from cl_lightning.datamodule import benchmark_of
 from cl_lightning.methods.base import ContinualModule, fit_body, per_task_outputs
 from cl_lightning.nets.ari_estimator import ARIEstimator, RandomFeatures, pad_signature, task_signature
 from cl_lightning.nets.functional import FunctionalTarget
@@ -191,7 +192,7 @@ class ARILearner(ContinualModule):
             return
         task = self.current_task
         if int(self.memory_size[task]) == 0:
-            self.remember_task(task, self.trainer.datamodule.split(task, "train"))
+            self.remember_task(task, benchmark_of(self.trainer).split(task, "train"))
         if len(self.candidates) == 0 or self.candidates_task != task:
             self.choose_candidates(task)
         self.candidates.requires_grad_(True)

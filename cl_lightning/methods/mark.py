@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.callbacks.mark_meta_update import MARKMetaUpdate
+from cl_lightning.datamodule import benchmark_of
 from cl_lightning.methods.base import ContinualModule, make_optimizer, per_task_outputs
 from cl_lightning.nets.mark import FeatureExtractor, KnowledgeBase, MaskFunctions
 from cl_lightning.tasks import BenchmarkInfo, Scenario
@@ -200,7 +201,7 @@ class MARK(ContinualModule):
             return
         t = self.current_task
         self.run_seed = torch.initial_seed()
-        self.batches_per_epoch = max(1, len(self.trainer.datamodule.train_dataloader()))
+        self.batches_per_epoch = max(1, len(benchmark_of(self.trainer).train_dataloader()))
         total = sum(n for _, n in self.schedule(t))
         if total == 0:
             raise ValueError("MARK's schedule has no epoch for this task: set final_epochs >= 1")
