@@ -129,6 +129,7 @@ class EWC(ContinualCallback):
         loader = benchmark_of(trainer).task_dataloader(task_id, "train", batch_size=self.fisher_batch_size,
                                                     limit=self.fisher_samples)
         per_sample = None if self.fisher_estimator == "minibatch" else _PerSampleSquares(module, names, use_vmap_only)
+        assert module.info is not None  # set when the method binds, before any plugin runs
         try:
             for x, y, t in loader:
                 x, y, t = x.to(module.device), y.to(module.device), t.to(module.device)
@@ -196,6 +197,7 @@ class EWC(ContinualCallback):
 
 def _nll(module: ContinualModule, out: Tensor, y: Tensor) -> Tensor:
     """Per-sample negative log-likelihood ``[B]`` (Gaussian with unit variance for regression)."""
+    assert module.info is not None  # set when the method binds, before any plugin runs
     if module.info.is_regression:
         return 0.5 * (out - y).pow(2).flatten(1).sum(1)
     return torch.nn.functional.cross_entropy(out, y, reduction="none")

@@ -21,12 +21,12 @@ single-process ones, and edits its already-reduced ``.grad`` identically.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from cl_lightning.callbacks.rehearsal import RehearsalPlugin, world_and_rank
@@ -101,7 +101,7 @@ class _Projection(RehearsalPlugin):
         self.steps = 0
 
     @staticmethod
-    def trainable(module: ContinualModule) -> list[tuple[str, Tensor]]:
+    def trainable(module: nn.Module) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad and p.grad is not None]
 
     def memory_loss_grads(self, module: ContinualModule, rows: dict[str, Tensor], groups: Tensor, k: int,
@@ -123,16 +123,18 @@ class _Projection(RehearsalPlugin):
                                  optimizer: torch.optim.Optimizer) -> None:
         if self.memory.is_empty:
             return
-        params = self.trainable(pl_module)
-        g = torch.cat([p.grad.reshape(-1) for _, p in params])
-        new = self.project(trainer, pl_module, g, [n for n, _ in params])
+        module = cast("ContinualModule", pl_module)
+        params = self.trainable(module)
+        grads = [cast(Tensor, p.grad) for _, p in params]  # trainable keeps the parameters with a gradient
+        g = torch.cat([d.reshape(-1) for d in grads])
+        new = self.project(trainer, module, g, [n for n, _ in params])
         self.steps += 1
         if new is not g:
             self.projections += 1
             offset = 0
-            for _, p in params:
-                p.grad.copy_(new[offset: offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
+            for d in grads:
+                d.copy_(new[offset: offset + d.numel()].view_as(d))
+                offset += d.numel()
 
     def project(self, trainer: L.Trainer, module: ContinualModule, g: Tensor, names: list[str]) -> Tensor:
         raise NotImplementedError
@@ -204,7 +206,9 @@ class AGEM(_Projection):
         self.last_reference: Tensor | None = None  # the last reference gradient (diagnostic)
 
     def reference_gradient(self, trainer: L.Trainer, module: ContinualModule, names: list[str]) -> Tensor:
-        rows, scale = self.replay_batch(module)
+        drawn = self.replay_batch(module)
+        assert drawn is not None, "a reference gradient needs a non-empty memory"
+        rows, scale = drawn
         zeros = torch.zeros(len(rows["y"]), dtype=torch.long, device=module.device)
         grad = self.memory_loss_grads(module, rows, zeros, 1, names)[0]
         return self.reduce_sum(trainer, grad) * (scale / world_and_rank(module)[0])

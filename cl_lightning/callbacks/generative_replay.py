@@ -129,7 +129,9 @@ class Replay(ContinualCallback):
         """This rank's share of the step's replay batch: inputs, task ids and the source's labels (or None)."""
         tasks = self.replay_tasks(module.current_task)
         with torch.no_grad():
-            x, y = self._source(module).sample_replay(tasks, self.generator(module), self._teacher_on(module.device))
+            source = self._source(module)
+            assert source is not None, "on_task_start found a replay source"
+            x, y = source.sample_replay(tasks, self.generator(module), self._teacher_on(module.device))
         trainer = module._trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         share = torch.arange(len(tasks)).tensor_split(world)[rank]
@@ -150,6 +152,7 @@ class Replay(ContinualCallback):
     def classifier_loss(self, module: ContinualModule, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         """The classifier's loss on replayed inputs, against the source's labels or the teacher's outputs."""
         info = module.info
+        assert info is not None
         current = module.current_task
         student = module(x, t)
         class_il = info.scenario is Scenario.CLASS_IL

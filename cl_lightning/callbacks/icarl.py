@@ -90,6 +90,7 @@ class ICaRLExemplars(RehearsalPlugin):
 
     def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         super().on_task_start(trainer, module, task_id)
+        assert module.info is not None  # set when the method binds, before any plugin runs
         width = module.info.head_width
         if self.known is None:
             self.known = torch.zeros(width, dtype=torch.bool)
@@ -103,6 +104,7 @@ class ICaRLExemplars(RehearsalPlugin):
 
     def loss(self, module: ContinualModule, x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
         """Per-row iCaRL loss of ``x, y`` at the current task."""
+        assert self.known is not None and self.old is not None, "set at the task start"
         known, old = self.known.to(x.device), self.old.to(x.device)
         return icarl_loss(module, x, y, known, old, self.snapshot or None, out)
 
@@ -131,6 +133,7 @@ class ICaRLExemplars(RehearsalPlugin):
         """The normalised mean of every class's normalised exemplar features, with the current network."""
         feats = normalized_features(module, self.memory.data["x"])
         y = self.memory.data["y"]
+        assert module.info is not None  # set when the method binds, before any plugin runs
         sums = torch.zeros(module.info.head_width, feats.shape[1], device=feats.device).index_add(0, y, feats)
         self.means = F.normalize(sums, dim=1)
 

@@ -34,6 +34,7 @@ def soft_cross_entropy(new: Tensor, old: Tensor, temperature: float) -> Tensor:
 def raw_outputs(module: ContinualModule, x: Tensor, state: dict[str, Tensor] | None = None) -> Tensor:
     """The packed head output of ``backbone`` + ``head`` (all tasks' slices in task-IL), with ``state``
     (names ``backbone.*`` / ``head.*``) in place of the module's own parameters when given."""
+    assert module.head is not None
     if state is None:
         return module.head(module.backbone(x))
     parts = {name: {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")}
@@ -62,6 +63,7 @@ class LwF(ContinualCallback):
         if not (isinstance(getattr(module, "backbone", None), nn.Module) and
                 isinstance(getattr(module, "head", None), nn.Module)):
             raise ValueError(f"plugins: LwF needs a method with a backbone and a head, not {type(module).__name__}")
+        assert module.info is not None  # set when the method binds, before any plugin runs
         if module.info.is_regression:
             raise ValueError(f"plugins: LwF distils softmax outputs: it needs a classification benchmark, not "
                              f"{module.info.name}")
@@ -86,6 +88,7 @@ class LwF(ContinualCallback):
         module.train(was_training)
         new = raw_outputs(module, x)
         info = module.info
+        assert info is not None
         if info.scenario is Scenario.TASK_IL:
             k, done = info.outputs_per_task, module.current_task
             new, old = new[:, : done * k].reshape(len(x), done, k), old[:, : done * k].reshape(len(x), done, k)

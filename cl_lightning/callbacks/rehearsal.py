@@ -18,7 +18,7 @@ single-process gradient once DDP averages the ranks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -89,7 +89,7 @@ class RehearsalPlugin(ContinualCallback):
         pick = torch.tensor(rows, device=y.device)
         fields = {"x": gather_global(trainer, x)[pick], "y": gather_global(trainer, y)[pick],
                   "t": gather_global(trainer, t)[pick]}
-        fields.update(self.extra_fields(pl_module, fields["x"], fields["t"]))
+        fields.update(self.extra_fields(cast("ContinualModule", pl_module), fields["x"], fields["t"]))
         self.memory.write([(where[i], slot) for i, slot in pairs], fields)
 
     def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
@@ -124,6 +124,7 @@ class RehearsalPlugin(ContinualCallback):
 
     # ------------------------------------------------------------------ state
     def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
+        assert module.info is not None  # set when the method binds, before any plugin runs
         if module.info.is_regression:
             raise ValueError(f"{type(self).__name__} replays labels with a cross-entropy: it needs a classification "
                              f"benchmark, not {module.info.name}")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
 
@@ -61,7 +61,7 @@ class SI(ContinualCallback):
         return p.detach().clone()
 
     @staticmethod
-    def _tracked(module: ContinualModule) -> list[tuple[str, Tensor]]:
+    def _tracked(module: nn.Module) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ the path integral
@@ -69,14 +69,14 @@ class SI(ContinualCallback):
         self.start = {n: self.snapshot(p) for n, p in self._tracked(module)}
         self.path = {n: torch.zeros_like(p) for n, p in self.start.items()}
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, module: ContinualModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
         self._grad, self._before = {}, {}
         for n, p in self._tracked(module):
             if n in self.path and p.grad is not None:
                 self._grad[n] = self.snapshot(p.grad)
                 self._before[n] = self.snapshot(p)
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: ContinualModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         if not self._grad:  # no optimizer step in this batch (e.g. gradient accumulation)
             return
         params = dict(module.named_parameters())
