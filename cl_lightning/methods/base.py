@@ -221,7 +221,8 @@ class ContinualModule(L.LightningModule):
                 logs[f"train/penalty_{type(plugin).__name__}"] = extra
         return total, logs
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        # None: a method that steps its optimizers itself (MARK) or does not train on the stream (GDumb)
         total, logs = self.training_objective(batch)
         if self._should_log():
             self.log_dict(logs, batch_size=len(batch[1]))
@@ -254,7 +255,7 @@ class ContinualModule(L.LightningModule):
         self.last_eval = self.scores.compute().cpu().reshape(-1)  # torchmetrics squeezes one task to 0-d
         self.scores.reset()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         return self.optimizer_for(self.lr)
 
     def optimizer_for(self, lr: float) -> torch.optim.Optimizer:

@@ -294,8 +294,7 @@ class MARK(ContinualModule):
         self.count_errors(out, y)  # MARK's phases bypass training_objective
         loss = F.cross_entropy(out, y)
         params = self.phase_params(phase)
-        grads = torch.autograd.grad(loss, params)
-        grads = self._average_over_ranks(grads)
+        grads = self._average_over_ranks(torch.autograd.grad(loss, params))
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         if phase == "features":  # the authors clip F's and the classifier's gradients separately
