@@ -15,6 +15,7 @@ test: install
 
 lint: install
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 
 bench: install
 	$(PYTHON) benchmarks/speed_permuted_mnist.py

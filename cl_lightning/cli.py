@@ -56,7 +56,7 @@ class ContinualCLI(LightningCLI):
         """Nothing is built here (see the module docstring)."""
 
 
-def trainer_arguments(parsed: dict[str, Any]) -> dict[str, Any]:
+def trainer_arguments(parsed: dict[str, Any] | None) -> dict[str, Any]:
     """The Trainer arguments the user set (those that differ from Lightning's defaults), less the runner's."""
     import lightning as L
 
@@ -100,7 +100,9 @@ def resume_overrides(args: list[str]) -> list[str]:
         word = args[i]
         if not word.startswith("--"):
             raise ConfigError(f"unexpected argument {word!r}")
-        key, value = (word[2:].split("=", 1) + [None])[:2] if "=" in word else (word[2:], None)
+        key, value = word[2:], None
+        if "=" in word:
+            key, value = word[2:].split("=", 1)
         if value is None:
             if i + 1 >= len(args):
                 raise ConfigError(f"{word} needs a value")

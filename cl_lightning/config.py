@@ -24,7 +24,7 @@ import types
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 import yaml
 from omegaconf import OmegaConf
@@ -182,11 +182,11 @@ def compose(overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR,
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}: {nearest(unknown[0], TOP_LEVEL_KEYS)}")
     try:
-        resolved = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+        resolved = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))  # a dict's
     except Exception as err:  # interpolation errors name the key themselves
         raise ConfigError(f"cannot resolve the config: {err}") from None
     validate(resolved)
-    return resolved  # type: ignore[return-value]
+    return resolved
 
 
 def link_data_dir(cfg: dict[str, Any]) -> None:
@@ -246,7 +246,7 @@ def signature_keys(cls: type) -> tuple[set[str], bool]:
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
-        params = inspect.signature(klass.__init__).parameters.values()
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
         keys |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return keys, False
@@ -286,7 +286,7 @@ def init_type_hints(cls: type) -> dict[str, Any]:
     for klass in reversed(cls.__mro__):
         if "__init__" in vars(klass) and klass is not object:
             with contextlib.suppress(Exception):
-                hints.update(typing.get_type_hints(klass.__init__))
+                hints.update(typing.get_type_hints(vars(klass)["__init__"]))
     hints.pop("return", None)
     return hints
 

@@ -208,7 +208,8 @@ class ContinualDataModule(L.LightningDataModule, ABC):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, data: Dataset, batch_size: int, shuffle: bool, equal_shards: bool) -> DataLoader:
+    def _loader(self, data: TaskData | ConcatTaskData, batch_size: int, shuffle: bool,
+                equal_shards: bool) -> DataLoader:
         rank, world = self._rank_and_world()
         if equal_shards and batch_size % world:
             raise ValueError(f"batch_size={batch_size} is the global batch and must divide by the "
@@ -241,3 +242,9 @@ class ContinualDataModule(L.LightningDataModule, ABC):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self.task_dataloader(t, "test") for t in range(self.num_tasks)]
+
+
+def benchmark_of(trainer: L.Trainer) -> ContinualDataModule:
+    """The benchmark ``trainer`` runs: Lightning sets ``trainer.datamodule`` when a fit starts, which its type
+    hints do not declare."""
+    return trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector, not declared

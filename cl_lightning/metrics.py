@@ -93,6 +93,8 @@ class TaskScores(Metric):
     """
 
     full_state_update = False
+    total: Tensor  # per-task sums and counts: states of torchmetrics' add_state
+    count: Tensor
 
     def __init__(self, num_tasks: int):
         super().__init__()

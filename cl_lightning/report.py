@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import yaml
@@ -212,6 +212,7 @@ def plot(path: Path, groups: Sequence[Group]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from cl_lightning.outputs import draw_heatmap
 
@@ -234,7 +235,7 @@ def plot(path: Path, groups: Sequence[Group]) -> None:
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("after training task")
     ax.set_ylabel(f"mean {kinds.pop() if len(kinds) == 1 else 'score'} on the tasks seen so far")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    cast(MaxNLocator, ax.xaxis.get_major_locator()).set_params(integer=True)  # the default locator
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title("seen tasks after every task (band: ± 1 std over seeds)", fontsize=10)

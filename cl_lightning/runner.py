@@ -18,7 +18,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -98,11 +98,13 @@ class RunRecord(L.Callback):
 
     # ------------------------------------------------------------------ the training trajectory (ARI)
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        pl_module.step_wrong, pl_module.step_samples = 0, 0
+        module = cast(ContinualModule, pl_module)
+        module.step_wrong, module.step_samples = 0, 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self.trajectory.append(pl_module.step_wrong)
-        self.trajectory_samples.append(pl_module.step_samples)
+        module = cast(ContinualModule, pl_module)
+        self.trajectory.append(module.step_wrong)
+        self.trajectory_samples.append(module.step_samples)
 
     def _counts(self) -> Tensor:
         """``[steps, 2]``: (misclassified, samples) per step of this task on this rank."""
@@ -119,7 +121,7 @@ class RunRecord(L.Callback):
         if trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum")
         counts = counts[counts[:, 1] > 0].cpu()
-        ari = adaptation_rate_integral(counts[:, 0] / counts[:, 1]) if len(counts) else None
+        ari = float(adaptation_rate_integral(counts[:, 0] / counts[:, 1])) if len(counts) else None
         self.ari.append(ari)
         return ari
 
@@ -147,7 +149,8 @@ def fit_will_end(trainer: L.Trainer) -> bool:
     """Whether the epoch ending now is the fit's last (epoch or step budget reached, or a stop requested)."""
     loop = trainer.fit_loop
     epochs = loop.max_epochs
-    if epochs is not None and epochs >= 0 and loop.epoch_progress.current.processed >= epochs:
+    done: int = loop.epoch_progress.current.processed  # type: ignore[attr-defined]  # a _ProcessedTracker, typed as its base
+    if epochs is not None and epochs >= 0 and done >= epochs:
         return True
     return (loop.max_steps >= 0 and trainer.global_step >= loop.max_steps) or trainer.should_stop
 

@@ -176,12 +176,12 @@ def plan(args: Sequence[str]) -> Sweep:
     runs = []
     combos = list(itertools.product(*[values for _, values in axes]))
     for i, combo in enumerate(combos):
-        values = {key: value for (key, _), value in zip(axes, combo, strict=True)}
-        label = "_".join(f"{k}={v}" for k, v in values.items())
+        chosen = {key: value for (key, _), value in zip(axes, combo, strict=True)}
+        label = "_".join(f"{k}={v}" for k, v in chosen.items())
         label = re.sub(r"[^A-Za-z0-9._=+-]+", "-", label).strip("-")[:80]
         width = len(str(len(combos) - 1))
         run_id = f"{i:0{width}d}" + (f"_{label}" if label else "")
-        overrides = base + [f"{k}={v}" for k, v in values.items()]
+        overrides = base + [f"{k}={v}" for k, v in chosen.items()]
         try:
             cfg = compose(overrides)
         except ConfigError as err:
@@ -189,7 +189,7 @@ def plan(args: Sequence[str]) -> Sweep:
         logger = cfg.get("logger") or {}
         if str(logger.get("class_path", "")).endswith("WandbLogger") and "group" not in (logger.get("init_args") or {}):
             overrides.append(_word("logger.group", name))
-        runs.append(SweepRun(run_id, overrides, values))
+        runs.append(SweepRun(run_id, overrides, chosen))
     return Sweep(dir=folder, name=name, runs=runs, command=command, parallel=options.get("parallel", 1),
                  devices=options.get("devices"))
 

@@ -112,7 +112,7 @@ def parameters(cls: type) -> list[inspect.Parameter]:
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
-        params = list(inspect.signature(klass.__init__).parameters.values())
+        params = list(inspect.signature(vars(klass)["__init__"]).parameters.values())
         for p in params:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
                 found.setdefault(p.name, p)

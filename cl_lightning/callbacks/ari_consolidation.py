@@ -18,22 +18,26 @@ broadcast from rank 0, so S, ``q`` and the KB are identical on every rank.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import Strategy
-from torch import Tensor, nn
+from torch import Tensor
 
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.metrics import adaptation_rate_integral
+from cl_lightning.nets.ari_estimator import ARIEstimator
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 
 class ARIHost(Protocol):
     """What consolidation needs of the ARI learner: the task's exploration (candidates, their sources and
     errors), the signatures, the estimator ``q``, and the learner's own knowledge-base consolidation."""
 
-    estimator: nn.Module
+    estimator: ARIEstimator
     estimator_fitted: Tensor
     candidates: Tensor
     candidate_sigs: Tensor
@@ -110,28 +114,29 @@ class ARIConsolidation(ContinualCallback):
         self.task_sigs = torch.cat([self.task_sigs, task_sigs.cpu()])
 
     # ------------------------------------------------------------------ consolidation
-    def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
-        errors = module.exploration_errors()  # [steps, Q], the same on every rank
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
+        host = cast(ARIHost, module)
+        errors = host.exploration_errors()  # [steps, Q], the same on every rank
         true_ari = torch.as_tensor(adaptation_rate_integral(errors.T.cpu()), dtype=torch.float).reshape(-1)
-        record: dict[str, Any] = {"task": task_id, "candidates": [list(s) for s in module.candidate_sources],
+        record: dict[str, Any] = {"task": task_id, "candidates": [list(s) for s in host.candidate_sources],
                                   "candidate_ari": true_ari.tolist()}
-        dev = module.task_sigs.device
-        self.add(true_ari, module.candidate_sigs, module.task_sigs[task_id])
+        dev = host.task_sigs.device
+        self.add(true_ari, host.candidate_sigs, host.task_sigs[task_id])
         if self.record_trained:
             tail = max(1, round(self.trained_tail * len(errors)))
             final = errors[-tail:].mean(0).cpu()
             flat = final.unsqueeze(1).expand(-1, len(errors))
             self.add(torch.as_tensor(adaptation_rate_integral(flat), dtype=torch.float).reshape(-1),
-                     module.param_signatures(module.candidates.detach()), module.task_sigs[task_id])
-        record["estimator_mse"] = module.estimator.fit(self.ari.to(dev), self.param_sigs.to(dev),
+                     host.param_signatures(host.candidates.detach()), host.task_sigs[task_id])
+        record["estimator_mse"] = host.estimator.fit(self.ari.to(dev), self.param_sigs.to(dev),
                                                        self.task_sigs.to(dev), self.estimator_steps, self.estimator_lr,
                                                        self.estimator_weight_decay)
-        module.estimator_fitted.fill_(True)
-        record.update(module.consolidate_knowledge_base(task_id, self.kb_steps, self.kb_lr, self.tolerance,
+        host.estimator_fitted.fill_(True)
+        record.update(host.consolidate_knowledge_base(task_id, self.kb_steps, self.kb_lr, self.tolerance,
                                                         self.relative_tolerance))
         if trainer.world_size > 1:
-            module.broadcast_consolidation(trainer.strategy)
-        module.end_exploration(task_id)
+            host.broadcast_consolidation(trainer.strategy)
+        host.end_exploration(task_id)
         self.history.append(record)
 
     # ------------------------------------------------------------------ state

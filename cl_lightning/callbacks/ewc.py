@@ -27,7 +27,7 @@ Under DDP, per-rank Fisher sums are all-reduced, so every rank holds the same pr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -35,6 +35,10 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
+from cl_lightning.datamodule import benchmark_of
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 
 class EWC(ContinualCallback):
@@ -76,7 +80,7 @@ class EWC(ContinualCallback):
         self.last_fisher: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ penalty
-    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if not self.precision or self.strength == 0:
             return None
         terms = []
@@ -93,7 +97,7 @@ class EWC(ContinualCallback):
         return self.precision[name], self.anchor[name]
 
     # ------------------------------------------------------------------ consolidation
-    def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         fisher = self.fisher(trainer, module, task_id)
         params = {n: p.detach().clone() for n, p in module.named_parameters() if n in fisher}
         for name, f in fisher.items():
@@ -111,7 +115,7 @@ class EWC(ContinualCallback):
         self.last_fisher = fisher
 
     @torch.enable_grad()
-    def fisher(self, trainer: L.Trainer, module: L.LightningModule, task_id: int,
+    def fisher(self, trainer: L.Trainer, module: ContinualModule, task_id: int,
                use_vmap_only: bool = False) -> dict[str, Tensor]:
         """The diagonal Fisher over this task's training data (``fisher_estimator``), the same on every rank.
         ``use_vmap_only``: per-sample gradients of every parameter from ``torch.func`` (the reference the
@@ -122,9 +126,10 @@ class EWC(ContinualCallback):
         sums = {n: torch.zeros_like(p) for n, p in module.named_parameters() if p.requires_grad}
         count = torch.zeros((), device=module.device, dtype=torch.float64)
         batches = 0
-        loader = trainer.datamodule.task_dataloader(task_id, "train", batch_size=self.fisher_batch_size,
+        loader = benchmark_of(trainer).task_dataloader(task_id, "train", batch_size=self.fisher_batch_size,
                                                     limit=self.fisher_samples)
         per_sample = None if self.fisher_estimator == "minibatch" else _PerSampleSquares(module, names, use_vmap_only)
+        assert module.info is not None  # set when the method binds, before any plugin runs
         try:
             for x, y, t in loader:
                 x, y, t = x.to(module.device), y.to(module.device), t.to(module.device)
@@ -157,7 +162,7 @@ class EWC(ContinualCallback):
                 for n, s in sums.items()}
 
     @staticmethod
-    def _batch_grad(trainer: L.Trainer, module: L.LightningModule, names: list[str],
+    def _batch_grad(trainer: L.Trainer, module: ContinualModule, names: list[str],
                     batch: tuple[Tensor, Tensor, Tensor] | None) -> dict[str, Tensor]:
         """Gradient of the global batch's mean loss (ranks hold parts of each batch: sums are all-reduced;
         ``batch`` None: this rank holds no part of it)."""
@@ -190,8 +195,9 @@ class EWC(ContinualCallback):
         return sum(v.numel() for v in self.precision.values()) + sum(v.numel() for v in self.anchor.values())
 
 
-def _nll(module: L.LightningModule, out: Tensor, y: Tensor) -> Tensor:
+def _nll(module: ContinualModule, out: Tensor, y: Tensor) -> Tensor:
     """Per-sample negative log-likelihood ``[B]`` (Gaussian with unit variance for regression)."""
+    assert module.info is not None  # set when the method binds, before any plugin runs
     if module.info.is_regression:
         return 0.5 * (out - y).pow(2).flatten(1).sum(1)
     return torch.nn.functional.cross_entropy(out, y, reduction="none")
@@ -207,7 +213,7 @@ class _PerSampleSquares:
     ``vmap(grad)``, which then differentiates only those.
     """
 
-    def __init__(self, module: L.LightningModule, names: list[str], use_vmap_only: bool):
+    def __init__(self, module: ContinualModule, names: list[str], use_vmap_only: bool):
         self.module, self.names = module, names
         self.buffers = dict(module.named_buffers())
         trained = set(names)

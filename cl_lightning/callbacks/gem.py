@@ -21,13 +21,18 @@ single-process ones, and edits its already-reduced ``.grad`` identically.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from cl_lightning.callbacks.rehearsal import RehearsalPlugin, world_and_rank
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 
 def solve_nonneg_qp(Q: Tensor, b: Tensor, iters: int = 2000, tol: float = 1e-9) -> Tensor:
@@ -96,10 +101,10 @@ class _Projection(RehearsalPlugin):
         self.steps = 0
 
     @staticmethod
-    def trainable(module: L.LightningModule) -> list[tuple[str, Tensor]]:
+    def trainable(module: nn.Module) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad and p.grad is not None]
 
-    def memory_loss_grads(self, module: L.LightningModule, rows: dict[str, Tensor], groups: Tensor, k: int,
+    def memory_loss_grads(self, module: ContinualModule, rows: dict[str, Tensor], groups: Tensor, k: int,
                           names: list[str]) -> Tensor:
         """``[k, p]``: the gradient of the summed loss of this rank's ``rows`` in each group ``0..k-1``,
         one forward and a batched (vmapped) backward over the groups."""
@@ -118,18 +123,20 @@ class _Projection(RehearsalPlugin):
                                  optimizer: torch.optim.Optimizer) -> None:
         if self.memory.is_empty:
             return
-        params = self.trainable(pl_module)
-        g = torch.cat([p.grad.reshape(-1) for _, p in params])
-        new = self.project(trainer, pl_module, g, [n for n, _ in params])
+        module = cast("ContinualModule", pl_module)
+        params = self.trainable(module)
+        grads = [cast(Tensor, p.grad) for _, p in params]  # trainable keeps the parameters with a gradient
+        g = torch.cat([d.reshape(-1) for d in grads])
+        new = self.project(trainer, module, g, [n for n, _ in params])
         self.steps += 1
         if new is not g:
             self.projections += 1
             offset = 0
-            for _, p in params:
-                p.grad.copy_(new[offset: offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
+            for d in grads:
+                d.copy_(new[offset: offset + d.numel()].view_as(d))
+                offset += d.numel()
 
-    def project(self, trainer: L.Trainer, module: L.LightningModule, g: Tensor, names: list[str]) -> Tensor:
+    def project(self, trainer: L.Trainer, module: ContinualModule, g: Tensor, names: list[str]) -> Tensor:
         raise NotImplementedError
 
     @staticmethod
@@ -152,7 +159,7 @@ class GEM(_Projection):
         self.margin, self.eps = margin, eps
         self.min_dot_after: float | None = None  # smallest <g~, G_k> of the last projection (diagnostic)
 
-    def task_gradients(self, trainer: L.Trainer, module: L.LightningModule, names: list[str]) -> Tensor:
+    def task_gradients(self, trainer: L.Trainer, module: ContinualModule, names: list[str]) -> Tensor:
         """``[k, p]``: the mean loss gradient of each past task's memory, the same on every rank. Each rank
         takes its share of every task's rows; the tasks are stacked (padded with zero-weight rows) and
         differentiated in one vmapped pass, so the cost is one forward and backward over the memory."""
@@ -178,7 +185,7 @@ class GEM(_Projection):
         counts = torch.tensor([int((tasks == k).sum()) for k in ids], device=G.device, dtype=G.dtype)
         return self.reduce_sum(trainer, G) / counts.unsqueeze(1)
 
-    def project(self, trainer: L.Trainer, module: L.LightningModule, g: Tensor, names: list[str]) -> Tensor:
+    def project(self, trainer: L.Trainer, module: ContinualModule, g: Tensor, names: list[str]) -> Tensor:
         G = self.task_gradients(trainer, module, names)
         if bool((G @ g >= 0).all()):
             return g
@@ -198,12 +205,14 @@ class AGEM(_Projection):
         super().__init__(memory_size, batch_size, seed)
         self.last_reference: Tensor | None = None  # the last reference gradient (diagnostic)
 
-    def reference_gradient(self, trainer: L.Trainer, module: L.LightningModule, names: list[str]) -> Tensor:
-        rows, scale = self.replay_batch(module)
+    def reference_gradient(self, trainer: L.Trainer, module: ContinualModule, names: list[str]) -> Tensor:
+        drawn = self.replay_batch(module)
+        assert drawn is not None, "a reference gradient needs a non-empty memory"
+        rows, scale = drawn
         zeros = torch.zeros(len(rows["y"]), dtype=torch.long, device=module.device)
         grad = self.memory_loss_grads(module, rows, zeros, 1, names)[0]
         return self.reduce_sum(trainer, grad) * (scale / world_and_rank(module)[0])
 
-    def project(self, trainer: L.Trainer, module: L.LightningModule, g: Tensor, names: list[str]) -> Tensor:
+    def project(self, trainer: L.Trainer, module: ContinualModule, g: Tensor, names: list[str]) -> Tensor:
         self.last_reference = g_ref = self.reference_gradient(trainer, module, names)
         return agem_project(g, g_ref)

@@ -26,7 +26,7 @@ identical on every rank.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -36,6 +36,9 @@ from torch.func import functional_call
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.tasks import Scenario
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 TARGETS = ("soft", "hard")
 
@@ -85,7 +88,7 @@ class Replay(ContinualCallback):
         self.teacher: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ teacher
-    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         if self._source(module) is None:
             raise ValueError(f"Replay needs a source: {type(module).__name__} has no sample_replay")
         if self.batch_size % trainer.world_size:
@@ -96,7 +99,7 @@ class Replay(ContinualCallback):
             return
         self.teacher = {n: t.detach().clone() for n, t in [*module.named_parameters(), *module.named_buffers()]}
 
-    def _source(self, module: L.LightningModule) -> ReplaySource | None:
+    def _source(self, module: ContinualModule) -> ReplaySource | None:
         if self.source is not None:
             return self.source
         return module if isinstance(module, ReplaySource) else None
@@ -115,18 +118,20 @@ class Replay(ContinualCallback):
         return torch.arange(task_id).repeat_interleave(counts)
 
     @staticmethod
-    def generator(module: L.LightningModule, salt: int = 0) -> torch.Generator:
+    def generator(module: ContinualModule, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded by the run seed, the task, the step and ``salt``: the same on every rank and
         after a resume."""
         step = int(getattr(module, "steps_before_task", 0)) + int(module.global_step)
         seed = ((torch.initial_seed() * 1_000_003 + module.current_task) * 1_000_003 + step) * 31 + salt
         return torch.Generator().manual_seed(seed % (2**63 - 1))
 
-    def draw(self, module: L.LightningModule) -> tuple[Tensor, Tensor, Tensor | None]:
+    def draw(self, module: ContinualModule) -> tuple[Tensor, Tensor, Tensor | None]:
         """This rank's share of the step's replay batch: inputs, task ids and the source's labels (or None)."""
         tasks = self.replay_tasks(module.current_task)
         with torch.no_grad():
-            x, y = self._source(module).sample_replay(tasks, self.generator(module), self._teacher_on(module.device))
+            source = self._source(module)
+            assert source is not None, "on_task_start found a replay source"
+            x, y = source.sample_replay(tasks, self.generator(module), self._teacher_on(module.device))
         trainer = module._trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         share = torch.arange(len(tasks)).tensor_split(world)[rank]
@@ -134,7 +139,7 @@ class Replay(ContinualCallback):
         return x[share.to(x.device)], tasks[share.to(x.device)], None if y is None else y[share.to(y.device)]
 
     # ------------------------------------------------------------------ loss
-    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if self.teacher is None or self.weight == 0:
             return None
         x, t, y = self.draw(module)
@@ -144,9 +149,10 @@ class Replay(ContinualCallback):
             loss = loss + extra(x, t)
         return self.weight * loss
 
-    def classifier_loss(self, module: L.LightningModule, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+    def classifier_loss(self, module: ContinualModule, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         """The classifier's loss on replayed inputs, against the source's labels or the teacher's outputs."""
         info = module.info
+        assert info is not None
         current = module.current_task
         student = module(x, t)
         class_il = info.scenario is Scenario.CLASS_IL

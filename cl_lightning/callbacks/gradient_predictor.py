@@ -35,6 +35,11 @@ class CoordinatePredictor(nn.Module):
             change ``theta - previous``, scaled by its typical size).
     """
 
+    in_shift: Tensor  # buffers: the input's and output's normalisation, fitted with the predictor
+    in_scale: Tensor
+    out_scale: Tensor
+    delta_scale: Tensor
+
     def __init__(self, hidden_sizes: Sequence[int] = (256, 256, 256), layer_position: bool = False,
                  previous_value: bool = False):
         super().__init__()

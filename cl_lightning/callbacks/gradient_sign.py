@@ -35,11 +35,13 @@ and fits the same predictor; rank 0's predictors are broadcast anyway at each ta
 from __future__ import annotations
 
 import copy
-from typing import Any
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.callbacks.gem import AGEM
@@ -50,6 +52,9 @@ from cl_lightning.callbacks.gradient_predictor import (
     distill_mean,
     fit_predictor,
 )
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 COMBINES = ("mean", "each")
 REFERENCES = ("predictor", "memory", "random")
@@ -90,7 +95,7 @@ class GradientSignFilter(ContinualCallback):
         keep_rate: with ``random``, the probability that a coordinate is kept at a step (in (0, 1]).
     """
 
-    def __init__(self, hidden_sizes: list[int] = (256, 256, 256), combine: str = "mean", distill: bool = True,
+    def __init__(self, hidden_sizes: Sequence[int] = (256, 256, 256), combine: str = "mean", distill: bool = True,
                  filter_mode: str = "auto", coords_per_step: int = 512, collect_every: int = 1,
                  max_pairs: int = 200_000, predictor_steps: int = 1000, predictor_batch_size: int = 1024,
                  predictor_lr: float = 1e-3, distill_steps: int = 1000, distill_points: int = 100_000,
@@ -151,7 +156,7 @@ class GradientSignFilter(ContinualCallback):
         self.generator = torch.Generator().manual_seed(seed)
         self.fit_losses: list[dict[str, float]] = []
         self._tables: list[PredictorTable] | None = None
-        self._pending: list[tuple[Tensor, Tensor, Tensor]] | None = None
+        self._pending: list[tuple[Tensor, Tensor, list[Tensor]]] | None = None
 
     # ------------------------------------------------------------------ task boundaries
     @property
@@ -164,7 +169,7 @@ class GradientSignFilter(ContinualCallback):
         self.filled = 0
         self.seen = 0
 
-    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         self._reset_buffer()
         self.step_count = 0
         self.kept = self.filtered_total = 0.0
@@ -174,7 +179,7 @@ class GradientSignFilter(ContinualCallback):
         if self.rehearsal is not None:
             self.rehearsal.on_task_start(trainer, module, task_id)
 
-    def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         self.kept_history.append(self.kept_fraction)
         if self.reference == "random":  # the control has nothing to learn from a task
             self.tasks_learned += 1
@@ -238,7 +243,7 @@ class GradientSignFilter(ContinualCallback):
         pos = prev = None
         if self.layer_position:
             positions = self._positions(params)
-            flat_pos = torch.cat([torch.full_like(v, pos) for v, pos in zip(values, positions, strict=True)])
+            flat_pos = torch.cat([torch.full_like(v, cast(float, at)) for v, at in zip(values, positions, strict=True)])
             choices = torch.tensor(sorted(set(positions)))
             upos = choices[torch.randint(len(choices), (len(uniform),), generator=g)]
             pos = torch.cat([flat_pos[idx], upos])
@@ -253,7 +258,7 @@ class GradientSignFilter(ContinualCallback):
 
     # ------------------------------------------------------------------ per step
     @staticmethod
-    def _params(module: L.LightningModule) -> list[tuple[str, Tensor]]:
+    def _params(module: nn.Module) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
     def _positions(self, params: list[tuple[str, Tensor]]) -> list[float | None]:
@@ -286,13 +291,14 @@ class GradientSignFilter(ContinualCallback):
         if self.reference == "random":
             preds = self.random_masks(params)
         elif self.rehearsal is not None:
-            preds = self.memory_directions(trainer, pl_module, params)
+            preds = self.memory_directions(trainer, cast("ContinualModule", pl_module), params)
         else:
             preds = self.predicted(params, previous)
         mode = self._mode(optimizer)
         kept = total = 0.0
         if mode == "gradient":
             for (_, p), pred in zip(params, preds, strict=True):
+                assert p.grad is not None  # params are those with a gradient
                 mask = self.mask_of(p.grad, pred)
                 p.grad.mul_(mask)
                 kept += float(mask.sum())
@@ -318,9 +324,10 @@ class GradientSignFilter(ContinualCallback):
         self.filtered_total += total
         self._pending = None
 
-    def memory_directions(self, trainer: L.Trainer, module: L.LightningModule, params: list[tuple[str, Tensor]]
+    def memory_directions(self, trainer: L.Trainer, module: ContinualModule, params: list[tuple[str, Tensor]]
                           ) -> list[list[Tensor]]:
         """The old-task descent direction of every parameter: the loss gradient of a memory batch here."""
+        assert self.rehearsal is not None  # reference="memory"
         flat = self.rehearsal.reference_gradient(trainer, module, [n for n, _ in params])
         parts = list(flat.split([p.numel() for _, p in params]))
         self.last_reference = [g.view_as(p) for g, (_, p) in zip(parts, params, strict=True)]
@@ -372,11 +379,14 @@ class GradientSignFilter(ContinualCallback):
             if len(sel) == 0:
                 continue
             local = (idx[sel] - starts[k]).to(p.device)
+            assert p.grad is not None  # params are those with a gradient
             d = descent_direction(optimizer, p, p.grad).reshape(-1)[local]
             rows[sel, 0] = p.detach().reshape(-1)[local].float().cpu()
             rows[sel, 1] = d.float().cpu()
+            position = positions[k]
             if self.layer_position:
-                rows[sel, 2] = positions[k]
+                assert position is not None  # the layer position is known when it is an input
+                rows[sel, 2] = position
             if previous is not None:
                 rows[sel, -1] = previous[k].reshape(-1)[local].float().cpu()
         self._add(rows)
@@ -431,7 +441,7 @@ class GradientSignFilter(ContinualCallback):
             if self.range_seen is not None:
                 lo, hi = min(lo, self.range_seen[0]), max(hi, self.range_seen[1])
             pad = 0.25 * (hi - lo)
-            self._tables = [PredictorTable(lambda t, pos, ref=ref: self._evaluate(ref, t, pos), lo - pad, hi + pad,
+            self._tables = [PredictorTable(functools.partial(self._evaluate, ref), lo - pad, hi + pad,
                                            self.table_size, device) for ref in refs]
         return [[table(p.detach(), pos) for table in self._tables] for (_, p), pos in
                 zip(params, positions, strict=True)]

@@ -49,7 +49,7 @@ Two exact forms of the same penalty (``form``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 import lightning as L
 import torch
@@ -57,7 +57,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
-from cl_lightning.nets.hypernetwork import OutputReference
+from cl_lightning.nets.hypernetwork import HyperNetwork, OutputReference
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 
 class HypernetworkHost(Protocol):
@@ -86,7 +89,7 @@ class OutputRegularizer(ContinualCallback):
     """
 
     FORMS = ("auto", "algebraic", "direct")
-    host = HypernetworkHost
+    host: ClassVar[type | None] = HypernetworkHost
 
     def __init__(self, beta: float = 0.01, max_past_tasks: int | None = None, lookahead: bool = False,
                  seed: int = 0, form: str = "auto"):
@@ -113,7 +116,7 @@ class OutputRegularizer(ContinualCallback):
         self._reference_of: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------ targets
-    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         self._on_device = None
         self._reference = self._reference_of = None
         self.targets = None
@@ -121,7 +124,8 @@ class OutputRegularizer(ContinualCallback):
         if task_id == 0:
             self.snapshot = None
             return
-        self.snapshot = {n: p.detach().clone() for n, p in module.hypernetwork.named_parameters()}
+        host = cast(HypernetworkHost, module)
+        self.snapshot = {n: p.detach().clone() for n, p in host.hypernetwork.named_parameters()}
         rows = min(task_id, self.max_past_tasks or task_id)
         if self.uses_algebraic(module, rows):
             self.reference(module, module.device)
@@ -144,21 +148,22 @@ class OutputRegularizer(ContinualCallback):
         return self._on_device
 
     @torch.no_grad()
-    def past_targets(self, module: L.LightningModule, idx: Tensor | None = None) -> Tensor:
+    def past_targets(self, module: ContinualModule, idx: Tensor | None = None) -> Tensor:
         """``[len(idx), N]`` the targets of the past tasks ``idx`` (all if None): explicit targets, or
         generated from the snapshot (the past embeddings are frozen)."""
         rows = torch.arange(self.num_past) if idx is None else idx
         if self.targets is not None:
             return self.targets[rows.to(self.targets.device)]
-        embeddings = module.embeddings(rows).detach()
-        return functional_call(module.hypernetwork, self._snapshot(embeddings.device), (embeddings,))
+        host = cast(HypernetworkHost, module)
+        embeddings = host.embeddings(rows).detach()
+        return functional_call(host.hypernetwork, self._snapshot(embeddings.device), (embeddings,))
 
-    def uses_algebraic(self, module: L.LightningModule, rows: int) -> bool:
+    def uses_algebraic(self, module: ContinualModule, rows: int) -> bool:
         """Whether the penalty over ``rows`` past tasks is computed in the algebraic form."""
-        hnet = module.hypernetwork
+        hnet = cast(HypernetworkHost, module).hypernetwork
         if self.form == "direct" or not callable(getattr(hnet, "output_penalty", None)):
             return False
-        return self.form == "algebraic" or hnet.output_penalty_is_cheaper(rows)
+        return self.form == "algebraic" or cast(HyperNetwork, hnet).output_penalty_is_cheaper(rows)
 
     def _source_key(self) -> tuple[Any, ...]:
         """What the reference is made from: the explicit targets (object and version) or the snapshot."""
@@ -173,81 +178,85 @@ class OutputRegularizer(ContinualCallback):
         return self._reference_of[0] == key[0] and self._reference_of[1] is key[1] and \
             self._reference_of[2] == key[2]
 
-    def reference(self, module: L.LightningModule, device: torch.device) -> OutputReference:
+    def reference(self, module: ContinualModule, device: torch.device) -> OutputReference:
         """The algebraic form's reference: built from the snapshot (exactly what the task start saw), or
         for explicit targets from the current hypernetwork, carrying the targets' difference."""
         assert self.active
-        if not self._reference_is_current():
-            embeddings = module.embeddings(range(self.num_past)).detach()
+        if self._reference is None or not self._reference_is_current():
+            host = cast(HypernetworkHost, module)
+            hnet = cast(HyperNetwork, host.hypernetwork)  # one with the algebraic form: uses_algebraic said so
+            embeddings = host.embeddings(range(self.num_past)).detach()
             if self.targets is not None:
-                self._reference, _ = module.hypernetwork.output_reference(
-                    embeddings, targets=self.targets.to(embeddings.device))
+                self._reference, _ = hnet.output_reference(embeddings, targets=self.targets.to(embeddings.device))
             else:
-                self._reference, _ = module.hypernetwork.output_reference(
-                    embeddings, params=self._snapshot(embeddings.device))
+                self._reference, _ = hnet.output_reference(embeddings, params=self._snapshot(embeddings.device))
             self._reference_of = self._source_key()
         if self._reference.device != device:
             self._reference = self._reference.to(device)
         return self._reference
 
     @torch.no_grad()
-    def drift(self, module: L.LightningModule) -> Tensor:
+    def drift(self, module: ContinualModule) -> Tensor:
         """Per past task, the largest absolute change of a generated weight since its target was taken."""
         if not self.active:
             return torch.zeros(0)
-        now = module.generate(range(self.num_past))
+        now = cast(HypernetworkHost, module).generate(range(self.num_past))
         return (now - self.past_targets(module).to(now.device)).abs().amax(1)
 
     # ------------------------------------------------------------------ penalty
-    def subset(self, module: L.LightningModule) -> Tensor:
+    def subset(self, module: ContinualModule) -> Tensor:
         """Indices of the past tasks regularised at this step (all, or a random subset of K)."""
         past = self.num_past
         if self.max_past_tasks is None or past <= self.max_past_tasks:
             return torch.arange(past)
         step = int(getattr(module, "steps_before_task", 0)) + int(module.global_step)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + module.current_task) * 1_000_003 + step)
+        task = cast(HypernetworkHost, module).current_task
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + task) * 1_000_003 + step)
         return torch.randperm(past, generator=g)[: self.max_past_tasks].sort().values
 
-    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if not self.active or self.beta == 0:
             return None
+        host = cast(HypernetworkHost, module)
         idx = self.subset(module)
-        embeddings = module.embeddings(idx)
+        embeddings = host.embeddings(idx)
         shifted = None
         if self.lookahead and step is None:
             raise ValueError("OutputRegularizer(lookahead=True) regularises at the step on the task loss: pass the "
                              "method's TaskLoss as penalty(module, batch, step)")
         if self.lookahead:
+            assert step is not None
             shifted = {n: p + d for (n, p), d in zip(self._trainable(module), self.candidate_step(module, step.value),
                                                      strict=True)}
         if self.uses_algebraic(module, len(idx)):
             reference = self.reference(module, embeddings.device)
-            total = module.hypernetwork.output_penalty(embeddings, reference, idx, params=shifted)
+            hnet = cast(HyperNetwork, host.hypernetwork)  # one with the algebraic form: uses_algebraic said so
+            total = hnet.output_penalty(embeddings, reference, idx, params=shifted)
             return self.beta / len(idx) * total
         targets = self.past_targets(module, idx).to(embeddings.device)
         if shifted is not None:
-            weights = functional_call(module.hypernetwork, shifted, (embeddings,))
+            weights = functional_call(host.hypernetwork, shifted, (embeddings,))
         else:
-            weights = module.hypernetwork(embeddings)
+            weights = host.hypernetwork(embeddings)
         return self.beta / len(idx) * (weights - targets).pow(2).sum()
 
     # ------------------------------------------------------------------ lookahead
     @staticmethod
-    def _trainable(module: L.LightningModule) -> list[tuple[str, Tensor]]:
-        return [(n, p) for n, p in module.hypernetwork.named_parameters() if p.requires_grad]
+    def _trainable(module: ContinualModule) -> list[tuple[str, Tensor]]:
+        return [(n, p) for n, p in cast(HypernetworkHost, module).hypernetwork.named_parameters() if p.requires_grad]
 
-    def candidate_step(self, module: L.LightningModule, task_loss: Tensor) -> list[Tensor]:
+    def candidate_step(self, module: ContinualModule, task_loss: Tensor) -> list[Tensor]:
         """The (detached) step the optimizer would take on ``task_loss`` alone, per trainable parameter."""
         params = [p for _, p in self._trainable(module)]
-        grads = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        raw = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw, strict=True)]
         trainer = module._trainer
         if trainer is not None and trainer.world_size > 1:  # the same step on every rank
             flat = trainer.strategy.reduce(torch.cat([g.flatten() for g in grads]), reduce_op="mean")
             grads = [f.view_as(p) for f, p in zip(flat.split([p.numel() for p in params]), params, strict=True)]
         optimizer = self._optimizer(module)
         if optimizer is None:
-            return [-module.lr * g for g in grads]
+            return [-float(module.lr) * g for g in grads]
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         steps = []
         for p, g in zip(params, grads, strict=True):
@@ -271,16 +280,15 @@ class OutputRegularizer(ContinualCallback):
         return [s.detach() for s in steps]
 
     @staticmethod
-    def _optimizer(module: L.LightningModule) -> torch.optim.Optimizer | None:
+    def _optimizer(module: ContinualModule) -> torch.optim.Optimizer | None:
         if module._trainer is None:
             return None
         try:
             opt = module.optimizers()
         except (RuntimeError, AttributeError):
             return None
-        if isinstance(opt, list):
-            opt = opt[0] if opt else None
-        return getattr(opt, "optimizer", opt)
+        first = (opt[0] if opt else None) if isinstance(opt, list) else opt
+        return None if first is None else first.optimizer
 
     # ------------------------------------------------------------------ state
     def plugin_state(self) -> dict[str, Any]:

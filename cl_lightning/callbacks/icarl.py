@@ -16,7 +16,7 @@ Every rank holds the whole task data and the same network, so every rank selects
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -26,6 +26,10 @@ from torch import Tensor
 from cl_lightning.callback import TaskLoss
 from cl_lightning.callbacks.lwf import raw_outputs
 from cl_lightning.callbacks.rehearsal import RehearsalPlugin
+from cl_lightning.datamodule import benchmark_of
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 
 def herding_order(features: Tensor, m: int) -> Tensor:
@@ -45,7 +49,7 @@ def herding_order(features: Tensor, m: int) -> Tensor:
 
 
 @torch.no_grad()
-def normalized_features(module: L.LightningModule, x: Tensor, batch_size: int = 1000) -> Tensor:
+def normalized_features(module: ContinualModule, x: Tensor, batch_size: int = 1000) -> Tensor:
     was_training = module.training
     module.eval()
     out = torch.cat([F.normalize(module.backbone(x[i: i + batch_size]), dim=1) for i in range(0, len(x), batch_size)])
@@ -53,7 +57,7 @@ def normalized_features(module: L.LightningModule, x: Tensor, batch_size: int = 
     return out
 
 
-def icarl_loss(module: L.LightningModule, x: Tensor, y: Tensor, known: Tensor, old: Tensor,
+def icarl_loss(module: ContinualModule, x: Tensor, y: Tensor, known: Tensor, old: Tensor,
                snapshot: dict[str, Tensor] | None, out: Tensor | None = None) -> Tensor:
     """Mean sigmoid cross-entropy over the ``known`` classes: distillation targets on the ``old`` ones,
     one-hot labels on the others (a boolean mask of the head's columns each); ``out``: the network's outputs
@@ -84,33 +88,35 @@ class ICaRLExemplars(RehearsalPlugin):
         self.old: Tensor | None = None  # columns of the classes of earlier tasks
         self.means: Tensor | None = None  # [head width, d] normalised class means (rows of unseen classes: 0)
 
-    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         super().on_task_start(trainer, module, task_id)
+        assert module.info is not None  # set when the method binds, before any plugin runs
         width = module.info.head_width
         if self.known is None:
             self.known = torch.zeros(width, dtype=torch.bool)
         self.old = self.known.clone()
-        labels = trainer.datamodule.split(task_id, "train").y.unique()
+        labels = benchmark_of(trainer).split(task_id, "train").y.unique()
         self.known = self.known.clone()
         self.known[labels] = True
         if task_id > 0:
             self.snapshot = {f"{part}.{k}": v.detach().clone() for part in ("backbone", "head")
                              for k, v in getattr(module, part).state_dict().items()}
 
-    def loss(self, module: L.LightningModule, x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+    def loss(self, module: ContinualModule, x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
         """Per-row iCaRL loss of ``x, y`` at the current task."""
+        assert self.known is not None and self.old is not None, "set at the task start"
         known, old = self.known.to(x.device), self.old.to(x.device)
         return icarl_loss(module, x, y, known, old, self.snapshot or None, out)
 
-    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         drawn = self.replay_batch(module)
         if drawn is None:
             return None
         rows, scale = drawn
         return self.loss(module, rows["x"], rows["y"]).sum() * scale
 
-    def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
-        data = trainer.datamodule.split(task_id, "train")
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
+        data = benchmark_of(trainer).split(task_id, "train")
         x, _, _ = data[torch.arange(len(data))]
         feats = normalized_features(module, x.to(module.device))
         labels = data.y.unique().tolist()
@@ -123,10 +129,11 @@ class ICaRLExemplars(RehearsalPlugin):
         self.insert_task(trainer, module, task_id, torch.cat(order))
         self.update_means(module)
 
-    def update_means(self, module: L.LightningModule) -> None:
+    def update_means(self, module: ContinualModule) -> None:
         """The normalised mean of every class's normalised exemplar features, with the current network."""
         feats = normalized_features(module, self.memory.data["x"])
         y = self.memory.data["y"]
+        assert module.info is not None  # set when the method binds, before any plugin runs
         sums = torch.zeros(module.info.head_width, feats.shape[1], device=feats.device).index_add(0, y, feats)
         self.means = F.normalize(sums, dim=1)
 

@@ -10,7 +10,7 @@ task's end, the same on every rank). No memory of samples is kept: only the snap
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -19,7 +19,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
+from cl_lightning.datamodule import benchmark_of
 from cl_lightning.tasks import Scenario
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 
 def soft_cross_entropy(new: Tensor, old: Tensor, temperature: float) -> Tensor:
@@ -27,9 +31,10 @@ def soft_cross_entropy(new: Tensor, old: Tensor, temperature: float) -> Tensor:
     return -(F.softmax(old / temperature, -1) * F.log_softmax(new / temperature, -1)).sum(-1)
 
 
-def raw_outputs(module: L.LightningModule, x: Tensor, state: dict[str, Tensor] | None = None) -> Tensor:
+def raw_outputs(module: ContinualModule, x: Tensor, state: dict[str, Tensor] | None = None) -> Tensor:
     """The packed head output of ``backbone`` + ``head`` (all tasks' slices in task-IL), with ``state``
     (names ``backbone.*`` / ``head.*``) in place of the module's own parameters when given."""
+    assert module.head is not None
     if state is None:
         return module.head(module.backbone(x))
     parts = {name: {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")}
@@ -53,25 +58,26 @@ class LwF(ContinualCallback):
         self.old: dict[str, Tensor] = {}
         self.old_classes: list[int] = []
 
-    def check_host(self, module: L.LightningModule) -> None:
+    def check_host(self, module: ContinualModule) -> None:
         """LwF distils the outputs of ``head(backbone(x))``: a method with both, on a classification benchmark."""
         if not (isinstance(getattr(module, "backbone", None), nn.Module) and
                 isinstance(getattr(module, "head", None), nn.Module)):
             raise ValueError(f"plugins: LwF needs a method with a backbone and a head, not {type(module).__name__}")
+        assert module.info is not None  # set when the method binds, before any plugin runs
         if module.info.is_regression:
             raise ValueError(f"plugins: LwF distils softmax outputs: it needs a classification benchmark, not "
                              f"{module.info.name}")
 
-    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         if task_id > 0:
             self.old = {f"{part}.{k}": v.detach().clone() for part in ("backbone", "head")
                         for k, v in getattr(module, part).state_dict().items()}
 
-    def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
-        labels = trainer.datamodule.split(task_id, "train").y.unique().tolist()
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
+        labels = benchmark_of(trainer).split(task_id, "train").y.unique().tolist()
         self.old_classes = sorted(set(self.old_classes) | set(labels))
 
-    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if not self.old or self.strength == 0:
             return None
         x, _, _ = batch
@@ -82,6 +88,7 @@ class LwF(ContinualCallback):
         module.train(was_training)
         new = raw_outputs(module, x)
         info = module.info
+        assert info is not None
         if info.scenario is Scenario.TASK_IL:
             k, done = info.outputs_per_task, module.current_task
             new, old = new[:, : done * k].reshape(len(x), done, k), old[:, : done * k].reshape(len(x), done, k)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import lightning as L
 import torch
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.datamodule import benchmark_of
 
 
 class MARKHost(Protocol):
@@ -136,7 +137,7 @@ def inner_loop_vectorised(kb: nn.Module, tasks: MiniTasks, cfg: InnerConfig) -> 
     bad = torch.zeros(k, dtype=torch.long)
     with torch.enable_grad():
         for s in range(cfg.steps):
-            keep = tasks.keep[s] if has_keep else None
+            keep = tasks.keep[s] if tasks.keep is not None else None
             grads, loss = step(params, tasks.x, tasks.y, masks, keep)
             for n, p in params.items():
                 d = grads[n] + cfg.weight_decay * p if cfg.weight_decay else grads[n]
@@ -260,23 +261,24 @@ class MARKMetaUpdate(ContinualCallback):
         return meta_gradient(base, adapted, acc, self.sign), acc
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        step = pl_module.pending_meta_step
+        host = cast(MARKHost, pl_module)
+        step = host.pending_meta_step
         if step is None:
             return
-        pl_module.pending_meta_step = None
-        task = pl_module.current_task
-        data = trainer.datamodule.split(task, "train")
-        batch = self.batch_size or trainer.datamodule.batch_size
-        g = seeded_generator(pl_module.run_seed, task, step)
+        host.pending_meta_step = None
+        task = host.current_task
+        data = benchmark_of(trainer).split(task, "train")
+        batch = self.batch_size or benchmark_of(trainer).batch_size
+        g = seeded_generator(host.run_seed, task, step)
         with torch.no_grad():
-            tasks = self.sample(pl_module, data, task, g, batch)
-        grads, acc = self.kb_gradient(pl_module.kb, tasks)
-        names = [n for n, _ in pl_module.kb.named_parameters()]
+            tasks = self.sample(host, data, task, g, batch)
+        grads, acc = self.kb_gradient(host.kb, tasks)
+        names = [n for n, _ in host.kb.named_parameters()]
         flat = torch.cat([grads[n].flatten() for n in names])
         if trainer.world_size > 1:  # identical on every rank already; rank 0's copy makes it bitwise certain
             torch.distributed.broadcast(flat, src=0)
         offset = 0
-        for p in pl_module.kb.parameters():
+        for p in host.kb.parameters():
             p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
             offset += p.numel()
         self.history.append((task, step, acc.tolist()))

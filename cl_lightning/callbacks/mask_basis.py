@@ -10,12 +10,15 @@ the check also spans a resume.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import lightning as L
 from torch import Tensor
 
 from cl_lightning.callback import ContinualCallback
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 
 class MaskBasisHost(Protocol):
@@ -49,20 +52,22 @@ class MaskBasisFreezing(ContinualCallback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # runs before the module's own setup, which chooses what the task trains
-        if stage == "fit" and pl_module.is_alpha_task(pl_module.current_task) and not bool(pl_module.basis_frozen):
-            self.freeze(pl_module)
+        host = cast(MaskBasisHost, pl_module)
+        if stage == "fit" and host.is_alpha_task(host.current_task) and not bool(host.basis_frozen):
+            self.freeze(host)
 
-    def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
-        if task_id == module.num_basis_tasks - 1:
-            self.freeze(module)
-        elif module.is_alpha_task(task_id) and self.verify:
-            self.check(module)
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
+        host = cast(MaskBasisHost, module)
+        if task_id == host.num_basis_tasks - 1:
+            self.freeze(host)
+        elif host.is_alpha_task(task_id) and self.verify:
+            self.check(host)
 
-    def freeze(self, module: L.LightningModule) -> None:
+    def freeze(self, module: MaskBasisHost) -> None:
         module.freeze_basis()
         self.digest = module.basis_digest()
 
-    def check(self, module: L.LightningModule) -> None:
+    def check(self, module: MaskBasisHost) -> None:
         if self.digest is None:
             raise RuntimeError("the mask basis was never frozen")
         now = module.basis_digest()

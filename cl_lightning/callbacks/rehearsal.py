@@ -18,20 +18,24 @@ single-process gradient once DDP averages the ranks.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from cl_lightning.callback import ContinualCallback
+from cl_lightning.datamodule import benchmark_of
 from cl_lightning.memory import RehearsalMemory
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 INSERTIONS = ("reservoir", "task_end")
 BALANCES = ("class", "task")
 
 
-def world_and_rank(module: L.LightningModule) -> tuple[int, int]:
+def world_and_rank(module: ContinualModule) -> tuple[int, int]:
     trainer = module._trainer
     if trainer is None:
         return 1, 0
@@ -67,7 +71,7 @@ class RehearsalPlugin(ContinualCallback):
         self.batch_size, self.insertion, self.balance = batch_size, insertion, balance
 
     # ------------------------------------------------------------------ for subclasses
-    def extra_fields(self, module: L.LightningModule, x: Tensor, t: Tensor) -> dict[str, Tensor]:
+    def extra_fields(self, module: ContinualModule, x: Tensor, t: Tensor) -> dict[str, Tensor]:
         """Fields stored beside ``x, y, t`` for the rows being inserted (DER: the network's outputs)."""
         return {}
 
@@ -85,18 +89,18 @@ class RehearsalPlugin(ContinualCallback):
         pick = torch.tensor(rows, device=y.device)
         fields = {"x": gather_global(trainer, x)[pick], "y": gather_global(trainer, y)[pick],
                   "t": gather_global(trainer, t)[pick]}
-        fields.update(self.extra_fields(pl_module, fields["x"], fields["t"]))
+        fields.update(self.extra_fields(cast("ContinualModule", pl_module), fields["x"], fields["t"]))
         self.memory.write([(where[i], slot) for i, slot in pairs], fields)
 
-    def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         if self.insertion == "task_end":
             self.insert_task(trainer, module, task_id)
 
-    def insert_task(self, trainer: L.Trainer, module: L.LightningModule, task_id: int,
+    def insert_task(self, trainer: L.Trainer, module: ContinualModule, task_id: int,
                     order: Tensor | None = None) -> None:
         """Adds this task's share of the budget, each new group's samples in ``order`` (default: a seeded
         random order), and shrinks the older groups to their new share."""
-        data = trainer.datamodule.split(task_id, "train")
+        data = benchmark_of(trainer).split(task_id, "train")
         if order is None:
             order = torch.randperm(len(data), generator=self.memory.insert_gen)
         keys = data.y[order] if self.balance == "class" else torch.full((len(order),), task_id)
@@ -108,7 +112,7 @@ class RehearsalPlugin(ContinualCallback):
                                              "t": t.to(module.device)})
 
     # ------------------------------------------------------------------ drawing
-    def replay_batch(self, module: L.LightningModule, n: int | None = None) -> tuple[dict[str, Tensor], float] | None:
+    def replay_batch(self, module: ContinualModule, n: int | None = None) -> tuple[dict[str, Tensor], float] | None:
         """This rank's share of a replay batch of ``n`` samples, and the factor ``world / n`` that turns a sum
         over the share into the global mean; ``None`` while the memory is empty."""
         if self.memory.is_empty:
@@ -119,7 +123,8 @@ class RehearsalPlugin(ContinualCallback):
         return self.memory.get(share, module.device), world / len(idx)
 
     # ------------------------------------------------------------------ state
-    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
+        assert module.info is not None  # set when the method binds, before any plugin runs
         if module.info.is_regression:
             raise ValueError(f"{type(self).__name__} replays labels with a cross-entropy: it needs a classification "
                              f"benchmark, not {module.info.name}")

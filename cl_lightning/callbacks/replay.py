@@ -13,9 +13,8 @@ the rest of the batch. Each term is a mean over the global replay batch (see ``c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,8 +22,11 @@ from torch import Tensor
 from cl_lightning.callback import TaskLoss
 from cl_lightning.callbacks.rehearsal import RehearsalPlugin
 
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
-def replay_cross_entropy(module: L.LightningModule, rows: dict[str, Tensor], scale: float) -> Tensor:
+
+def replay_cross_entropy(module: ContinualModule, rows: dict[str, Tensor], scale: float) -> Tensor:
     """Cross-entropy of the network on replayed rows, as a share of the global-batch mean."""
     return F.cross_entropy(module(rows["x"], rows["t"]), rows["y"], reduction="sum") * scale
 
@@ -42,7 +44,7 @@ class ExperienceReplay(RehearsalPlugin):
             raise ValueError(f"alpha={alpha} must not be negative")
         self.alpha = alpha
 
-    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         drawn = self.replay_batch(module)
         if drawn is None or self.alpha == 0:
             return None
@@ -64,14 +66,14 @@ class DarkExperienceReplay(RehearsalPlugin):
         self.alpha, self.beta = alpha, beta
 
     @torch.no_grad()
-    def extra_fields(self, module: L.LightningModule, x: Tensor, t: Tensor) -> dict[str, Tensor]:
+    def extra_fields(self, module: ContinualModule, x: Tensor, t: Tensor) -> dict[str, Tensor]:
         was_training = module.training
         module.eval()
         logits = module(x, t)
         module.train(was_training)
         return {"logits": logits}
 
-    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         drawn = self.replay_batch(module)
         if drawn is None:
             return None
@@ -79,5 +81,7 @@ class DarkExperienceReplay(RehearsalPlugin):
         out = module(rows["x"], rows["t"])
         total = self.alpha * F.mse_loss(out, rows["logits"], reduction="none").mean(1).sum() * scale
         if self.beta > 0:
-            total = total + self.beta * replay_cross_entropy(module, *self.replay_batch(module))
+            again = self.replay_batch(module)
+            assert again is not None  # the memory is not empty
+            total = total + self.beta * replay_cross_entropy(module, *again)
         return total

@@ -20,13 +20,16 @@ rank, so the path integral, and with it the importance, is the same on every ran
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
+
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
 
 
 class SI(ContinualCallback):
@@ -58,11 +61,11 @@ class SI(ContinualCallback):
         return p.detach().clone()
 
     @staticmethod
-    def _tracked(module: L.LightningModule) -> list[tuple[str, Tensor]]:
+    def _tracked(module: nn.Module) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ the path integral
-    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         self.start = {n: self.snapshot(p) for n, p in self._tracked(module)}
         self.path = {n: torch.zeros_like(p) for n, p in self.start.items()}
 
@@ -82,7 +85,7 @@ class SI(ContinualCallback):
             self.path[n] -= g * (params[n].detach() - self._before[n])
         self._grad, self._before = {}, {}
 
-    def on_task_end(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         for n, p in self._tracked(module):
             if n not in self.path:
                 continue
@@ -94,7 +97,7 @@ class SI(ContinualCallback):
         self.start, self.path = {}, {}
 
     # ------------------------------------------------------------------ penalty
-    def penalty(self, module: L.LightningModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if not self.importance or self.strength == 0:
             return None
         terms = []

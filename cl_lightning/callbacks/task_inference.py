@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lightning as L
 import torch
@@ -23,11 +23,19 @@ from cl_lightning.callback import ContinualCallback, TaskLoss, missing_members
 from cl_lightning.callbacks.generative_replay import Replay
 from cl_lightning.callbacks.hnet_regularizer import HypernetworkHost, OutputRegularizer
 
+if TYPE_CHECKING:
+    from cl_lightning.methods.base import ContinualModule
+
 
 class ReplayModelHost(Protocol):
     """A method with a replay model (HNET+TIR's task inferrer), whose decoder hypernetwork is protected."""
 
     replay_model: nn.Module
+
+
+def _replay_teacher(module: Any, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What of the method's task-start copy the sampler reads (HNET+TIR's ``replay_teacher``)."""
+    return module.replay_teacher(state)
 
 
 def _replay_model(module: L.LightningModule) -> Any:
@@ -43,11 +51,11 @@ class TaskInferenceReplay(Replay):
 
     host = ReplayModelHost
 
-    def on_task_start(self, trainer: L.Trainer, module: L.LightningModule, task_id: int) -> None:
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         _replay_model(module)
         super().on_task_start(trainer, module, task_id)
         if self.teacher is not None:
-            self.teacher = module.replay_teacher(self.teacher)
+            self.teacher = _replay_teacher(module, self.teacher)
 
     def classifier_loss(self, module: L.LightningModule, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         """Cross-entropy of the task classifier over the seen tasks against each replayed input's task."""
@@ -60,7 +68,7 @@ class ReplayModelRegularizer(OutputRegularizer):
 
     host = ReplayModelHost
 
-    def check_host(self, module: L.LightningModule) -> None:
+    def check_host(self, module: ContinualModule) -> None:
         """The method has a replay model, and that model is what the output regularizer protects."""
         ContinualCallback.check_host(self, module)
         missing = missing_members(module.replay_model, HypernetworkHost)

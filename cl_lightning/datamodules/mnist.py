@@ -175,6 +175,8 @@ class _Rotation:
 class _TransformedMNIST(_MNISTFamily):
     """All ten digits in every task; tasks differ by an input transform. Labels 0..9 (class-IL: +10t)."""
 
+    name: str  # each benchmark's
+
     def describe(self) -> Description:
         return Description(self.name, tuple(Task(i, f"{self.name}/{i}") for i in range(self.num_tasks)),
                            input_shape=(1, 28, 28), outputs_per_task=10)

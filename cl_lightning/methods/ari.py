@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.callbacks.ari_consolidation import ARIConsolidation
+from cl_lightning.datamodule import benchmark_of
 from cl_lightning.methods.base import ContinualModule, fit_body, per_task_outputs
 from cl_lightning.nets.ari_estimator import ARIEstimator, RandomFeatures, pad_signature, task_signature
 from cl_lightning.nets.functional import FunctionalTarget
@@ -89,6 +90,20 @@ class ARILearner(ContinualModule):
 
     supported_scenarios = frozenset(Scenario)
     required_plugins = (ARIConsolidation,)
+
+    # set in __init__ (the body outside the module tree) and buffers registered in build
+    _base_body: nn.Module
+    feature_extractor: nn.Module
+    init_sets: Tensor
+    noise: Tensor
+    kb_count: Tensor
+    tasks_learned: Tensor
+    estimator_fitted: Tensor
+    candidate_sigs: Tensor
+    task_sigs: Tensor
+    memory_x: Tensor
+    memory_y: Tensor
+    memory_size: Tensor
 
     def __init__(self, base: nn.Module | None = None, knowledge_base: HyperNetwork | None = None,
                  estimator: ARIEstimator | None = None, feature_extractor: nn.Module | None = None,
@@ -146,8 +161,9 @@ class ARILearner(ContinualModule):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.init_seed * 1000 + k)
                 for m in net.modules():
-                    if hasattr(m, "reset_parameters"):
-                        m.reset_parameters()
+                    reset = getattr(m, "reset_parameters", None)
+                    if reset is not None:
+                        reset()
             init_sets.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
         self.target = FunctionalTarget(template)
         if self.target.has_buffers:
@@ -172,8 +188,9 @@ class ARILearner(ContinualModule):
         self.register_buffer("memory_y", torch.zeros(T, self.memory_per_task, dtype=torch.long))
         self.register_buffer("memory_size", torch.zeros(T, dtype=torch.long))
         for m in self.estimator.modules():  # from the run's seed, not from whenever q was constructed
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+            reset = getattr(m, "reset_parameters", None)
+            if reset is not None:
+                reset()
         for p in [*self.knowledge_base.parameters(), *self.estimator.parameters()]:
             p.requires_grad_(False)  # trained by the consolidation plugin, not by the task's optimizer
 
@@ -191,7 +208,7 @@ class ARILearner(ContinualModule):
             return
         task = self.current_task
         if int(self.memory_size[task]) == 0:
-            self.remember_task(task, self.trainer.datamodule.split(task, "train"))
+            self.remember_task(task, benchmark_of(self.trainer).split(task, "train"))
         if len(self.candidates) == 0 or self.candidates_task != task:
             self.choose_candidates(task)
         self.candidates.requires_grad_(True)
@@ -408,8 +425,9 @@ class ARILearner(ContinualModule):
         assert self.target is not None
         if self.eval_sets is None:
             self.prepare_inference()
-        assert self.eval_sets is not None
-        return per_task_outputs(x, task_ids, lambda t, rows: self.target(self.eval_sets[t], rows))
+        target, sets = self.target, self.eval_sets
+        assert sets is not None
+        return per_task_outputs(x, task_ids, lambda t, rows: target(sets[t], rows))
 
     # ------------------------------------------------------------------ checkpoints and accounting
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

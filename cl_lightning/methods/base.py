@@ -26,7 +26,8 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.o
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def make_optimizer(name: str, params: list[Tensor] | list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: Sequence[Tensor] | Sequence[dict[str, Any]],
+                   **kwargs: Any) -> torch.optim.Optimizer:
     """The optimizer ``name`` (a key of ``OPTIMIZERS``) over ``params`` (tensors, or torch's parameter groups),
     with torch's fused kernel where it has one for the parameters' device and dtype: one pass over each parameter
     instead of one per arithmetic step (Adam over a hypernetwork's 465k weights on a CPU: 1.0 instead of 1.6 ms
@@ -58,8 +59,9 @@ def per_task_outputs(x: Tensor, task_ids: Tensor, run: Callable[[int, Tensor], T
 def fit_body(body: nn.Module, info: BenchmarkInfo, role: str = "backbone") -> int:
     """Sizes ``body``'s input to the benchmark's (bodies with ``set_input_size``, e.g. an MLP) and returns its
     output width, which every head built on it needs."""
-    if hasattr(body, "set_input_size"):
-        body.set_input_size(math.prod(info.input_shape))
+    set_input_size = getattr(body, "set_input_size", None)
+    if set_input_size is not None:
+        set_input_size(math.prod(info.input_shape))
     width = getattr(body, "out_features", None)
     if width is None:
         raise ValueError(f"{role} {type(body).__name__} must expose out_features")
@@ -155,6 +157,7 @@ class ContinualModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward / loss
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        assert self.head is not None, "setup_tasks builds the head"
         return self.select_head(self.head(self.backbone(x)), task_ids)
 
     def select_head(self, out: Tensor, task_ids: Tensor) -> Tensor:
@@ -218,7 +221,8 @@ class ContinualModule(L.LightningModule):
                 logs[f"train/penalty_{type(plugin).__name__}"] = extra
         return total, logs
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        # None: a method that steps its optimizers itself (MARK) or does not train on the stream (GDumb)
         total, logs = self.training_objective(batch)
         if self._should_log():
             self.log_dict(logs, batch_size=len(batch[1]))
@@ -230,11 +234,13 @@ class ContinualModule(L.LightningModule):
         trainer = self._trainer
         if trainer is None or not trainer.loggers:
             return False
-        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % trainer.log_every_n_steps == 0
+        every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's logger connector
+        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         x, y, t = batch
         score = self.scores_of(self.predict_for_eval(x, t), y).mean()
+        assert self.info is not None
         name = "val/mse" if self.info.is_regression else "val/acc"
         self.log(name, score, batch_size=len(y), sync_dist=True)
 
@@ -249,7 +255,7 @@ class ContinualModule(L.LightningModule):
         self.last_eval = self.scores.compute().cpu().reshape(-1)  # torchmetrics squeezes one task to 0-d
         self.scores.reset()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         return self.optimizer_for(self.lr)
 
     def optimizer_for(self, lr: float) -> torch.optim.Optimizer:

@@ -9,6 +9,8 @@ softmax. Under DDP the classes present are those of the global batch (gathered),
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,6 +25,7 @@ class ERACE(ContinualModule):
     arguments as ``ContinualModule`` and expects an ``ExperienceReplay`` plugin."""
 
     supported_scenarios = frozenset({Scenario.CLASS_IL})
+    seen_classes: Tensor  # a buffer (build): the classes of the tasks trained so far
 
     def build(self, info: BenchmarkInfo) -> None:
         super().build(info)
@@ -32,7 +35,7 @@ class ERACE(ContinualModule):
         x, y, t = batch
         out = self(x, t)
         distributed = self._trainer is not None and self._trainer.world_size > 1
-        labels = self.all_gather(y).reshape(-1) if distributed else y
+        labels = cast(Tensor, self.all_gather(y)).reshape(-1) if distributed else y  # a tensor's: a tensor
         present = torch.zeros_like(self.seen_classes)
         present[labels] = True
         if self.current_task > 0:

@@ -55,12 +55,14 @@ class GDumb(ContinualModule):
 
     def retrain(self) -> None:
         """Trains a freshly initialised copy of the network on the memory, then loads it into the module."""
+        assert self.head is not None
         net = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "head": copy.deepcopy(self.head)})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + self.current_task)
             for m in net.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+                reset = getattr(m, "reset_parameters", None)
+                if reset is not None:
+                    reset()
         for p in net.parameters():
             p.requires_grad_(True)
         net.train()

@@ -55,6 +55,8 @@ class HNET(ContinualModule):
 
     supported_scenarios = frozenset(Scenario)
 
+    _target_body: nn.Module  # set in __init__, outside the module tree (the hypernetwork generates its weights)
+
     def __init__(self, target: nn.Module | None = None, hypernetwork: HyperNetwork | None = None,
                  embedding_init_std: float = 1.0, task_inference: str = "auto", lr: float = 1e-3,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
@@ -79,7 +81,7 @@ class HNET(ContinualModule):
 
     # ------------------------------------------------------------------ set-up
     def build(self, info: BenchmarkInfo) -> None:
-        body: nn.Module = self._target_body
+        body = self._target_body
         inference = self.task_inference
         if inference == "auto":
             inference = "given" if info.scenario is Scenario.TASK_IL or info.is_regression else "entropy"
@@ -129,6 +131,7 @@ class HNET(ContinualModule):
         return self.target(self.generate([task])[0], x, self.task_buffers(task))
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        assert self.info is not None
         return place_task_logits(per_task_outputs(x, task_ids, self.run_task), task_ids, self.info)
 
     # ------------------------------------------------------------------ task inference (HNET+ENT)
@@ -152,6 +155,7 @@ class HNET(ContinualModule):
         if self.inference == "given":
             return self(x, task_ids)
         logits, chosen = self.infer_task(x)
+        assert self.info is not None
         return place_task_logits(logits, chosen, self.info)
 
     # ------------------------------------------------------------------ accounting

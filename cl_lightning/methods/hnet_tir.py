@@ -28,6 +28,7 @@ task start, which is what the sequential order sees.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ class TaskInferrer(HNETR):
         self.head = nn.Linear(self.head.in_features, info.num_tasks)
 
     def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        assert self.head is not None
         return self.head(self.backbone(x))
 
     def task_logits(self, x: Tensor) -> Tensor:
@@ -132,7 +134,7 @@ class HNETTIR(HNET):
         self._sync_counters()
 
     def _sync_counters(self) -> None:
-        child = self._modules.get(REPLAY) if "_modules" in self.__dict__ else None
+        child = cast("TaskInferrer | None", self._modules.get(REPLAY) if "_modules" in self.__dict__ else None)
         if child is not None:
             child.current_task, child.steps_before_task = self.current_task, self.steps_before_task
 
@@ -194,6 +196,7 @@ class HNETTIR(HNET):
     # ------------------------------------------------------------------ accounting
     def storage_details(self) -> dict[str, int | float]:
         rm = self.replay_model
+        assert rm.head is not None
         return {**super().storage_details(),
                 "task_classifier_parameters": sum(p.numel() for p in [*rm.backbone.parameters(),
                                                                       *rm.head.parameters()]),

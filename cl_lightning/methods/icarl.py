@@ -37,6 +37,7 @@ class ICaRL(ContinualModule):
 
     def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
         x, y, t = batch
+        assert self.head is not None
         out = self.head(self.backbone(x))
         return TaskLoss(self.exemplars.loss(self, x, y, out).mean(), out, y)
 

@@ -55,6 +55,7 @@ class ImpressLearn(SupermaskModule):
 
     inference_modes = (*INFERENCE_MODES, "basis")
     required_plugins = (MaskBasisFreezing,)
+    basis_frozen: Tensor  # a buffer (__init__): whether the basis is frozen, saved with the checkpoint
 
     def __init__(self, backbone: MaskedNet | None = None, basis_kind: str = "heterogeneous", basis_size: int = 5,
                  penalty: float = 0.0, alpha_lr: float = 0.05, homogeneous_subsample: float = 0.5,
@@ -148,7 +149,7 @@ class ImpressLearn(SupermaskModule):
                 h.update(layer.mask(slot).detach().bool().cpu().numpy().tobytes())
         return h.hexdigest()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         if not self.is_alpha_task(self.current_task):
             return super().configure_optimizers()
         return self.optimizer_for(self.alpha_lr)

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.callbacks.mark_meta_update import MARKMetaUpdate
+from cl_lightning.datamodule import benchmark_of
 from cl_lightning.methods.base import ContinualModule, make_optimizer, per_task_outputs
 from cl_lightning.nets.mark import (
     FeatureExtractor,
@@ -92,6 +93,8 @@ class MARK(ContinualModule):
     """
 
     supported_scenarios = frozenset({Scenario.TASK_IL})
+    shared_head: SupermaskHead  # task_modules=supsup
+    shared_masks: SupermaskMaskFunctions
 
     def __init__(self, kb_channels: Sequence[int] = (64, 128, 256), latent_dim: int = 128, dropout: float = 0.5,
                  feature_channels: Sequence[int] = (32, 32), feature_dim: int | None = None,
@@ -193,7 +196,7 @@ class MARK(ContinualModule):
     def mask_params(self, task: int) -> list[nn.Parameter]:
         """What training M_t changes: its layers, or its supermasks' scores."""
         if self.task_modules == "supsup":
-            return [layer.scores[task] for layer in self.shared_masks.layers]
+            return self.shared_masks.scores(task)
         return list(self.mask_functions[task].parameters())
 
     def kb_vector(self) -> Tensor:
@@ -248,7 +251,7 @@ class MARK(ContinualModule):
             return
         t = self.current_task
         self.run_seed = torch.initial_seed()
-        self.batches_per_epoch = max(1, len(self.trainer.datamodule.train_dataloader()))
+        self.batches_per_epoch = max(1, len(benchmark_of(self.trainer).train_dataloader()))
         total = sum(n for _, n in self.schedule(t))
         if total == 0:
             raise ValueError("MARK's schedule has no epoch for this task: set final_epochs >= 1")
@@ -341,8 +344,7 @@ class MARK(ContinualModule):
         self.count_errors(out, y)  # MARK's phases bypass training_objective
         loss = F.cross_entropy(out, y)
         params = self.phase_params(phase)
-        grads = torch.autograd.grad(loss, params)
-        grads = self._average_over_ranks(grads)
+        grads = self._average_over_ranks(torch.autograd.grad(loss, params))
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         if phase == "features":  # the authors clip F's and the classifier's gradients separately

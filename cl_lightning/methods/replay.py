@@ -92,7 +92,7 @@ class VAEReplayModule(ContinualModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         gen = {id(p) for p in self.generator_parameters()}
         trainable = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trainable if id(p) not in gen]},
+        groups: list[dict[str, Any]] = [{"params": [p for p in trainable if id(p) not in gen]},
                   {"params": [p for p in trainable if id(p) in gen], "lr": self.generator_lr or self.lr}]
         kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.optimizer_name == "sgd":
@@ -164,6 +164,7 @@ class DGR(VAEReplayModule):
         self.decoder = decoder_body(self.latent_dim, info.num_tasks, self.decoder_hidden, self.pixels)
 
     def generator_parameters(self) -> list[nn.Parameter]:
+        assert self.encoder is not None, "build makes the encoder"
         return [*self.encoder.parameters(), *self.decoder.parameters()]
 
     def decode(self, z: Tensor, tasks: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
@@ -222,6 +223,7 @@ class HNETR(VAEReplayModule):
                 e.requires_grad_(i == self.current_task)
 
     def generator_parameters(self) -> list[nn.Parameter]:
+        assert self.encoder is not None, "build makes the encoder"
         return [*self.encoder.parameters(), *self.hypernetwork.parameters(), *self.task_embeddings]
 
     # the interface of the output regularizer (cl_lightning.callbacks.hnet_regularizer)
@@ -244,7 +246,8 @@ class HNETR(VAEReplayModule):
             weights = functional_call(self.hypernetwork, hnet, (emb,))
         row = {t: i for i, t in enumerate(present)}
         h = decoder_input(z, tasks, self.info.num_tasks)
-        return per_task_outputs(h, tasks, lambda t, rows: self.decoder_target(weights[row[t]], rows))
+        target = self.decoder_target
+        return per_task_outputs(h, tasks, lambda t, rows: target(weights[row[t]], rows))
 
     def storage_details(self) -> dict[str, int | float]:
         return {**super().storage_details(), "task_embeddings": sum(e.numel() for e in self.task_embeddings),

@@ -63,6 +63,7 @@ class SupermaskModule(ContinualModule, ABC):
     """
 
     inference_modes: tuple[str, ...] = INFERENCE_MODES
+    backbone: MaskedNet  # checked in __init__
 
     def __init__(self, backbone: MaskedNet | None = None, task_inference: str = "auto", lr: float = 0.01,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
@@ -131,8 +132,9 @@ class SupermaskModule(ContinualModule, ABC):
         return y - task * self.info.outputs_per_task if self.info.scenario is Scenario.CLASS_IL else y
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
-        assert self.info is not None
-        return per_task_outputs(x, task_ids, lambda t, rows: place_task_logits(self.task_logits(rows, t), t, self.info))
+        info = self.info
+        assert info is not None
+        return per_task_outputs(x, task_ids, lambda t, rows: place_task_logits(self.task_logits(rows, t), t, info))
 
     def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
         """Cross-entropy of each sample on its own task's logits (local labels)."""
@@ -176,6 +178,7 @@ class SupermaskModule(ContinualModule, ABC):
             return self(x, task_ids)
         task = self.infer_task(x)
         self._record(task, task_ids)
+        assert self.info is not None
         with torch.no_grad():
             return place_task_logits(self.task_logits(x, task), task, self.info)
 

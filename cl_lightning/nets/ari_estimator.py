@@ -37,6 +37,8 @@ class RandomFeatures(nn.Module):
     and every resumed run computes the same task signatures.
     """
 
+    projection: Tensor  # a buffer: the random projection, drawn for the input width on first use
+
     def __init__(self, features: int = 128, seed: int = 0):
         super().__init__()
         if features < 1:

@@ -47,6 +47,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None and self.running_mean is not None and \
+                self.running_var is not None  # buffers of a layer that tracks running statistics
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +118,8 @@ class HyperNetwork(nn.Module):
     """
 
     INITS = ("scaled", "pytorch", "xavier")
+    out_offset: Tensor  # buffers, made with the target: the generated weights are offset + scale * raw
+    out_scale: Tensor
 
     def __init__(self, hidden_sizes: Sequence[int] = (100, 100), activation: str = "relu",
                  embedding_dim: int = 32, init: str = "scaled"):
@@ -131,7 +134,7 @@ class HyperNetwork(nn.Module):
         if embedding_dim < 1:
             raise ValueError(f"embedding_dim={embedding_dim} must be positive")
         self.hidden_sizes, self.activation, self.embedding_dim = list(hidden_sizes), activation, embedding_dim
-        self.target_shapes: list[tuple[str, tuple[int, ...]]] | None = None
+        self.target_shapes: TargetShapes | None = None
         self.num_outputs = 0
         self.has_offset = False
 
@@ -347,7 +350,7 @@ class HyperNetwork(nn.Module):
         :class:`_OutputPenalty`.
         """
         everything = rows is None or torch.equal(rows.cpu(), torch.arange(len(reference.z0)))
-        ref = reference if everything else reference.rows(rows)
+        ref = reference if everything or rows is None else reference.rows(rows)
         z = self.last_hidden(embeddings, params)                          # [n, C, H]
         return _OutputPenalty.apply(z, self._param(params, "out.weight_t").T, self._param(params, "out.bias"), ref)
 
@@ -440,11 +443,13 @@ class OutputReference:
     def rows(self, idx: Tensor) -> OutputReference:
         """The reference of the past tasks ``idx`` only."""
         idx = idx.to(self.z0.device)
-        return replace(self, **{n: getattr(self, n)[idx] for n in self._PER_TASK if getattr(self, n) is not None})
+        changes: dict[str, Any] = {n: getattr(self, n)[idx] for n in self._PER_TASK if getattr(self, n) is not None}
+        return replace(self, **changes)
 
     def to(self, device: torch.device | str) -> OutputReference:
-        return replace(self, **{f.name: v.to(device) for f in fields(self)
-                                if isinstance(v := getattr(self, f.name), Tensor)})
+        changes: dict[str, Any] = {f.name: v.to(device) for f in fields(self)
+                                   if isinstance(v := getattr(self, f.name), Tensor)}
+        return replace(self, **changes)
 
     @property
     def device(self) -> torch.device:
@@ -487,6 +492,7 @@ class _OutputPenalty(torch.autograd.Function):
         value = (big_b * omega).sum()
         q = None
         if ref.ve is not None:  # targets that the reference does not generate
+            assert ref.ve_w0 is not None and ref.e_const is not None  # set together with ve
             q = (ref.ve.flatten(0, 1) @ xt.T).double().view_as(v[..., H:])  # [n, C, H+1]
             value = value - 2 * (q * v[..., H:]).sum() - 2 * (ref.ve_w0 * v[..., :H]).sum() + ref.e_const.sum()
         ctx.save_for_backward(w, b, v, omega, big_b, q)

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,10 @@ class SupermaskMaskFunctions(nn.Module):
     def forward(self, features: Tensor, task: int) -> list[Tensor]:
         act = torch.relu if self.activation == "relu" else torch.sigmoid
         return [act(layer(features, [task])) for layer in self.layers]
+
+    def scores(self, task: int) -> list[nn.Parameter]:
+        """What training task ``task``'s mask functions changes: its supermask scores in every layer."""
+        return [cast(MaskedLinear, layer).scores[task] for layer in self.layers]
 
 
 class SupermaskHead(nn.Module):

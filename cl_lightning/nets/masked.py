@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +32,14 @@ class EdgePopup(torch.autograd.Function):
     """Top-k of the scores as a {0, 1} mask; the gradient passes straight through to the scores."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor, k: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, scores: Tensor, k: int) -> Tensor:
         flat = scores.flatten()
         mask = torch.zeros_like(flat)
         mask[flat.topk(k, sorted=False).indices] = 1.0
         return mask.view_as(scores)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
 
 
@@ -274,7 +275,7 @@ class MaskedMLP(MaskedNet):
         x = xs.flatten(2)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer.forward_each(x, slots)
+            x = cast(MaskedLayer, layer).forward_each(x, slots)
             if i < last:
                 x = F.relu(x)
         return x
@@ -373,4 +374,4 @@ class MaskedResNet18(MaskedNet):
         return self._run(x, apply, stacked=False)
 
     def forward_each(self, xs: Tensor, slots: Sequence[int]) -> Tensor:
-        return self._run(xs, lambda i, h: self.layers[i].forward_each(h, slots), stacked=True)
+        return self._run(xs, lambda i, h: cast(MaskedLayer, self.layers[i]).forward_each(h, slots), stacked=True)

@@ -27,6 +27,7 @@ class VAEEncoder(nn.Module):
             raise ValueError(f"latent_dim={latent_dim} must be positive")
         self.latent_dim = latent_dim
         self.body = MLP(in_features=in_features, hidden_sizes=hidden_sizes)
+        assert self.body.out_features is not None  # known: in_features is given
         self.out = nn.Linear(self.body.out_features, 2 * latent_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -37,6 +38,7 @@ class VAEEncoder(nn.Module):
 def decoder_body(latent_dim: int, num_tasks: int, hidden_sizes: Sequence[int], out_features: int) -> nn.Sequential:
     """The decoder as a module: ``[z, one_hot(task)] -> hidden_sizes -> out_features`` pixel logits."""
     body = MLP(in_features=latent_dim + num_tasks, hidden_sizes=hidden_sizes)
+    assert body.out_features is not None  # known: in_features is given
     return nn.Sequential(body, nn.Linear(body.out_features, out_features))
 
 
