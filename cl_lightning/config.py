@@ -159,6 +159,8 @@ def compose(overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR,
     else:
         cfg, defaults = base, {}
     experiment_values: list[tuple[str, Any]] = []
+    if base is None and (selections.keys() & {"method", "benchmark"} or selections.get("experiment") == "none"):
+        cfg["experiment"] = None  # train.yaml's experiment is the argument-less run's; a chosen group drops it
     exp_name = selections.pop("experiment", None) or cfg.get("experiment")
     if exp_name and exp_name != "none" and base is None:
         exp = load_group_file("experiment", exp_name, config_dir) or {}
