@@ -103,8 +103,8 @@ def test_pytorch_init_generates_the_raw_outputs():
     e = torch.randn(2, 3)
     torch.testing.assert_close(hn(e), hn.out(hn.last_hidden(e)).flatten(1))
     assert hn.out.bias.abs().max() > 0  # PyTorch's default bias init, not zeros
-    with pytest.raises(ValueError, match="init='xavier'"):
-        HyperNetwork(init="xavier")
+    with pytest.raises(ValueError, match="init='glorot'"):
+        HyperNetwork(init="glorot")
 
 
 def test_embeddings_freeze_per_task_and_optimizer_sees_only_current():
