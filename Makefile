@@ -11,7 +11,7 @@ train: install
 	$(PYTHON) train.py $(ARGS)
 
 test: install
-	$(PYTHON) -m pytest -q $(ARGS)
+	$(PYTHON) -m pytest -q -n auto --dist loadfile $(ARGS)
 
 lint: install
 	$(PYTHON) -m ruff check .

@@ -11,7 +11,9 @@ import torch
 
 from tests.helpers.run import find_mnist_root
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads in one process; under pytest-xdist the cores are shared among its workers
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")

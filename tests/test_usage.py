@@ -14,6 +14,7 @@ from cl_lightning.usage import summary_line
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CL_LIGHTNING_RUN_DIR", raising=False)
+    monkeypatch.setenv("COLUMNS", "120")  # --help fits the terminal's width: the same width whatever runs the test
 
 
 def help_of(*args, capsys) -> str:
