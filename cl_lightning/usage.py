@@ -42,7 +42,7 @@ Overrides (later words win):
   method.plugins.EWC.strength=50  a plugin (any list of objects) indexed by class name, or by position
   benchmark.class_order=[9,8,7,6,5,4,3,2,1,0]
                                   values are YAML: lists, {mappings}, null, true, 'quoted strings'
-  method.backbone.class_path=cl_lightning.nets.LeNet
+  method.backbone.class_path=cl_lightning.nets.ReducedResNet18
                                   another class (its old arguments are dropped)
   seed=1                          model initialisation and data order (tasks: benchmark.seed)
   data_dir=PATH  output_dir=PATH  name=W&B_RUN_NAME  resume=RUN_FOLDER
