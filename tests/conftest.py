@@ -25,3 +25,13 @@ def mnist_root() -> Path:
             pytest.fail("real MNIST not found: CI must set CL_DATA_DIR to a folder with MNIST/raw")
         pytest.skip("real MNIST not available (set CL_DATA_DIR)")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: runs of many small matrix products or convolutions are faster so on a
+    shared CPU. A module uses it for all its tests with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

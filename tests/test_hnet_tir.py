@@ -22,14 +22,6 @@ from tests.helpers.crash import CrashAt
 from tests.helpers.run import run_tasks, train_py
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class CountersInStep(ContinualCallback):
     """Checks at every step that the replay model sees the method's trainer, task and step counters (its VAE
     noise, embedding freezing, growing softmax and regularizer subsets depend on them)."""

@@ -19,13 +19,7 @@ from tests.helpers.run import run_tasks, train_py
 TINY = {"kb_channels": [8, 16, 16], "latent_dim": 32, "feature_channels": [8, 8]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SmallSplitMNIST(SplitMNIST):

@@ -23,12 +23,7 @@ TINY = ["method.kb_channels=[4,8,8]", "method.latent_dim=16", "method.feature_ch
         "method.final_epochs=1", "method.meta_steps=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_miniimagenet(root, per_class_train: int = 2, per_class_test: int = 1):

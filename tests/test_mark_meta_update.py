@@ -19,14 +19,7 @@ from cl_lightning.callbacks.mark_meta_update import (
 )
 from cl_lightning.nets.mark import KnowledgeBase, MaskFunctions
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_meta_gradient_is_the_accuracy_weighted_mean_update_for_both_signs():

@@ -24,14 +24,6 @@ from tests.helpers.crash import CrashAt
 from tests.helpers.run import run_tasks, train_py
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_vae(kind: str, plugins, beta: float = 0.01):
     """The methods at test size: classifier 100-100, VAE 100 / 100 with a 16-dimensional latent."""
     L.seed_everything(0, verbose=False)

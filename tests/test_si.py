@@ -17,15 +17,6 @@ from tests.helpers.crash import CrashAt
 from tests.helpers.run import run_tasks
 
 
-@pytest.fixture
-def one_thread():
-    """Small nets: one thread is faster than two on a shared CPU (no spinning threads waiting for each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class ViewSI(SI):
     """The bug: parameter values 'saved' as views, which the optimizer's in-place update changes with them."""
 

@@ -21,6 +21,7 @@ single-process ones, and edits its already-reduced ``.grad`` identically.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, cast
 
 import lightning as L
@@ -92,7 +93,7 @@ def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
     return g - dot / (g_ref @ g_ref).clamp_min(1e-30) * g_ref
 
 
-class _Projection(RehearsalPlugin):
+class _Projection(RehearsalPlugin, ABC):
     """Shared by GEM and A-GEM: task-end insertion balanced by task, memory gradients in torch.func."""
 
     def __init__(self, memory_size: int, batch_size: int, seed: int):
@@ -136,8 +137,9 @@ class _Projection(RehearsalPlugin):
                 d.copy_(new[offset: offset + d.numel()].view_as(d))
                 offset += d.numel()
 
+    @abstractmethod
     def project(self, trainer: L.Trainer, module: ContinualModule, g: Tensor, names: list[str]) -> Tensor:
-        raise NotImplementedError
+        """The update to apply instead of ``g`` (``g`` itself when no constraint is violated)."""
 
     @staticmethod
     def reduce_sum(trainer: L.Trainer, value: Tensor) -> Tensor:
