@@ -66,6 +66,7 @@ RUNS = {
                   "method.outer_weight_decay=0.01", NO_PLUGINS],
     "baseline3": ["method.kb_update=normal", "method.outer_lr=0.1", "method.outer_weight_decay=0.01", NO_PLUGINS],
     "supsup": ["method.task_modules=supsup"],  # the report's section 6 (experiment=mark_split_mnist_supsup)
+    "sigmoid": ["method.mask_activation=sigmoid"],  # the authors' other mask activation (never all-zero)
 }
 
 
