@@ -9,6 +9,11 @@ Two settings (``--part``):
   task) at buffers 200 and 500, for ER, GEM, A-GEM, iCaRL, LwF, DER, DER++, fine-tuning, ER-ACE and GDumb;
   ``--seq-samples`` and ``--seq-batch`` scale it (the paper: all samples, batch 10, SGD with its tuned lr;
   we keep Adam 1e-3).
+- ``der``: the DER paper's own protocol and Mammoth's tuned hyper-parameters (``utils/best_args.py``), beside the
+  paper's Table 2 means: Seq-MNIST class-IL (5 tasks, stream batch 10), P-MNIST and R-MNIST domain-IL (20 tasks,
+  batch 128, a uniform random angle in [0, 180) per R-MNIST task); all training images, one epoch per task, plain
+  SGD, MLP 784-100-100-10 with Xavier-uniform weights and zero biases (Mammoth's ``MNISTMLP``). ``--der-benchmarks``
+  picks among ``seq perm rot``.
 
 Times are ``train_seconds`` of the run (training only, evaluation excluded) and, as the machine may be shared,
 each is also given as a ratio to fine-tuning measured in the same script run.
@@ -40,7 +45,7 @@ from cl_lightning.callbacks import (  # noqa: E402
     RehearsalPlugin,
 )
 from cl_lightning.callbacks.icarl import ICaRLExemplars  # noqa: E402
-from cl_lightning.datamodules import PermutedMNIST, SplitMNIST  # noqa: E402
+from cl_lightning.datamodules import PermutedMNIST, RotatedMNIST, SplitMNIST  # noqa: E402
 from cl_lightning.methods import ERACE, ContinualModule, GDumb, ICaRL  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
 from cl_lightning.runner import ContinualRunner  # noqa: E402
@@ -77,6 +82,132 @@ def seqmnist_methods(buffer: int, batch: int) -> dict:
     }
 
 
+#: Mammoth's tuned hyper-parameters for the DER paper's MNIST protocol (aimagelab/mammoth ``utils/best_args.py``; its
+#: MNIST values are the same at commits 7ab9db97 and e75a491c). Per benchmark, method and buffer (0: no memory):
+#: SGD ``lr``, ``mbs`` (samples replayed per step; A-GEM's reference batch), DER's ``alpha`` / ``beta``, GEM's
+#: margin ``gamma``, LwF's ``wd`` (Mammoth adds ``wd * ||theta||^2`` to the loss: weight decay ``2 * wd`` here).
+#: ``er_ace`` (not in the DER paper nor in Mammoth's MNIST arguments) takes ER's; ``gdumb`` keeps its own recipe.
+MAMMOTH: dict[str, dict[str, dict[int, dict[str, float]]]] = {
+    "seq": {"sgd": {0: {"lr": 0.03}}, "lwf": {0: {"lr": 0.03, "wd": 0.0005}},
+            "er": {200: {"lr": 0.01, "mbs": 10}, 500: {"lr": 0.1, "mbs": 10}},
+            "gem": {200: {"lr": 0.01, "gamma": 1.0}, 500: {"lr": 0.03, "gamma": 0.5}},
+            "agem": {200: {"lr": 0.1, "mbs": 128}, 500: {"lr": 0.1, "mbs": 128}},
+            "icarl": {200: {"lr": 0.1, "mbs": 10}, 500: {"lr": 0.1, "mbs": 10}},
+            "der": {200: {"lr": 0.03, "mbs": 10, "alpha": 0.2}, 500: {"lr": 0.03, "mbs": 128, "alpha": 1.0}},
+            "derpp": {200: {"lr": 0.03, "mbs": 128, "alpha": 0.2, "beta": 1.0},
+                      500: {"lr": 0.03, "mbs": 10, "alpha": 1.0, "beta": 0.5}}},
+    "perm": {"sgd": {0: {"lr": 0.2}},
+             "er": {200: {"lr": 0.2, "mbs": 128}, 500: {"lr": 0.2, "mbs": 128}},
+             "gem": {200: {"lr": 0.1, "gamma": 0.5}, 500: {"lr": 0.1, "gamma": 0.5}},
+             "agem": {200: {"lr": 0.1, "mbs": 128}, 500: {"lr": 0.1, "mbs": 128}},
+             "der": {200: {"lr": 0.2, "mbs": 128, "alpha": 1.0}, 500: {"lr": 0.2, "mbs": 128, "alpha": 1.0}},
+             "derpp": {200: {"lr": 0.1, "mbs": 128, "alpha": 1.0, "beta": 1.0},
+                       500: {"lr": 0.2, "mbs": 128, "alpha": 1.0, "beta": 0.5}}},
+    "rot": {"sgd": {0: {"lr": 0.2}},
+            "er": {200: {"lr": 0.2, "mbs": 128}, 500: {"lr": 0.2, "mbs": 128}},
+            "gem": {200: {"lr": 0.01, "gamma": 0.5}, 500: {"lr": 0.01, "gamma": 0.5}},
+            "agem": {200: {"lr": 0.1, "mbs": 128}, 500: {"lr": 0.3, "mbs": 128}},
+            "der": {200: {"lr": 0.2, "mbs": 128, "alpha": 1.0}, 500: {"lr": 0.2, "mbs": 128, "alpha": 0.5}},
+            "derpp": {200: {"lr": 0.1, "mbs": 128, "alpha": 1.0, "beta": 0.5},
+                      500: {"lr": 0.2, "mbs": 128, "alpha": 0.5, "beta": 1.0}}},
+}
+MAMMOTH["seq"]["er_ace"] = MAMMOTH["seq"]["er"]
+MAMMOTH["seq"]["gdumb"] = {200: {}, 500: {}}
+
+#: The DER paper's Table 2 means (%, "averaged across 10 runs"), as published with its code: the results table of
+#: Mammoth's first README (aimagelab/mammoth ``README.md`` at commit 7ab9db97). Its standard deviations for the
+#: MNIST columns were not available here.
+DER_TABLE2: dict[str, dict[tuple[str, int], float]] = {
+    "seq": {("sgd", 0): 19.60, ("lwf", 0): 19.62,
+            ("er", 200): 80.43, ("gem", 200): 80.11, ("agem", 200): 45.72, ("icarl", 200): 70.51,
+            ("der", 200): 84.55, ("derpp", 200): 85.61,
+            ("er", 500): 86.12, ("gem", 500): 85.99, ("agem", 500): 46.66, ("icarl", 500): 70.10,
+            ("der", 500): 90.54, ("derpp", 500): 91.00},
+    "perm": {("sgd", 0): 40.70, ("er", 200): 72.37, ("gem", 200): 66.93, ("agem", 200): 66.42, ("der", 200): 81.74,
+             ("derpp", 200): 83.58, ("er", 500): 80.60, ("gem", 500): 76.88, ("agem", 500): 67.56,
+             ("der", 500): 87.29, ("derpp", 500): 88.21},
+    "rot": {("sgd", 0): 67.66, ("er", 200): 85.01, ("gem", 200): 80.80, ("agem", 200): 81.91, ("der", 200): 90.04,
+            ("derpp", 200): 90.43, ("er", 500): 88.91, ("gem", 500): 81.15, ("agem", 500): 80.31,
+            ("der", 500): 92.24, ("derpp", 500): 92.77},
+}
+DER_BATCH = {"seq": 10, "perm": 128, "rot": 128}
+DER_TASKS = {"seq": 5, "perm": 20, "rot": 20}
+
+
+def mammoth_mlp() -> MLP:
+    """Mammoth's ``MNISTMLP`` initialisation: Xavier-uniform weights, zero biases."""
+    net = MLP(hidden_sizes=[100, 100])
+    for m in net.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    return net
+
+
+def der_model(name: str, buffer: int, hp: dict[str, float], seed: int) -> ContinualModule:
+    """One method of the DER protocol with Mammoth's arguments ``hp``: plain SGD, no momentum."""
+    mbs = int(hp.get("mbs", 10))
+    plugins = {
+        "sgd": list, "lwf": lambda: [LwF(1.0, 2.0)],
+        "er": lambda: [ExperienceReplay(buffer, mbs, seed=seed)],
+        "er_ace": lambda: [ExperienceReplay(buffer, mbs, seed=seed)],
+        "gem": lambda: [GEM(buffer, margin=hp["gamma"], seed=seed)],
+        "agem": lambda: [AGEM(buffer, mbs, seed=seed)],
+        "icarl": lambda: [ICaRLExemplars(buffer, mbs, seed=seed)],
+        "der": lambda: [DarkExperienceReplay(buffer, mbs, alpha=hp["alpha"], seed=seed)],
+        "derpp": lambda: [DarkExperienceReplay(buffer, mbs, alpha=hp["alpha"], beta=hp["beta"], seed=seed)],
+        "gdumb": lambda: [RehearsalPlugin(buffer, insertion="task_end", balance="class", seed=seed)],
+    }[name]()
+    if name == "gdumb":  # its own recipe: SGD + cosine schedule from scratch on the memory, 30 epochs
+        return GDumb(mammoth_mlp(), plugins=plugins, seed=seed)
+    cls = {"icarl": ICaRL, "er_ace": ERACE}.get(name, ContinualModule)
+    return cls(mammoth_mlp(), lr=hp["lr"], optimizer="sgd", weight_decay=2 * hp.get("wd", 0.0), plugins=plugins)
+
+
+def der_data(bench: str, root: str, seed: int, samples: int | None):
+    """The DER paper's benchmarks: Seq-MNIST class-IL, P-MNIST and R-MNIST domain-IL with 20 tasks."""
+    if bench == "seq":
+        return SplitMNIST(data_dir=root, scenario="class", batch_size=DER_BATCH[bench],
+                          train_samples_per_task=samples, eval_batch_size=2000, seed=seed)
+    if bench == "perm":
+        return PermutedMNIST(num_tasks=DER_TASKS[bench], data_dir=root, batch_size=DER_BATCH[bench],
+                             train_samples_per_task=samples, eval_batch_size=2000, seed=seed)
+    angles = np.random.default_rng(seed).uniform(0.0, 180.0, DER_TASKS[bench]).tolist()
+    return RotatedMNIST(num_tasks=DER_TASKS[bench], angles=angles, data_dir=root, batch_size=DER_BATCH[bench],
+                        train_samples_per_task=samples, eval_batch_size=2000, seed=seed)
+
+
+def der_table(bench: str, root: str, seeds: list[int], buffers: list[int], out: Path, only: list[str] | None,
+              samples: int | None) -> None:
+    title = {"seq": "Seq-MNIST class-IL", "perm": "P-MNIST domain-IL", "rot": "R-MNIST domain-IL"}[bench]
+    print(f"\n### {title} ({DER_TASKS[bench]} tasks), the DER protocol: batch {DER_BATCH[bench]}, SGD, "
+          f"{samples or 'all'} samples/task, 1 epoch, seeds {seeds}\n")
+    print("| method | buffer | ours ACC (%) | ours BWT (%) | DER paper (Table 2 mean) | train s | x sgd |")
+    print("|---|---|---|---|---|---|---|")
+    base = None
+    for name, per_buffer in MAMMOTH[bench].items():
+        if only and name not in only:
+            continue
+        for buffer in [0] if 0 in per_buffer else [b for b in buffers if b in per_buffer]:
+            accs, bwts, secs = [], [], []
+            for seed in seeds:
+                L.seed_everything(seed, verbose=False)
+                model = der_model(name, buffer, per_buffer[buffer], seed)
+                kwargs = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
+                          "log_every_n_steps": 50}
+                dm = der_data(bench, root, seed, samples)
+                m = ContinualRunner(model, dm, out / f"run_{len(list(out.iterdir()))}", trainer_kwargs=kwargs,
+                                    seed=seed).run()
+                accs.append(100 * m["ACC"])
+                bwts.append(100 * m["BWT"])
+                secs.append(m["train_seconds"])
+            t = float(np.mean(secs))
+            base = base or t
+            paper = DER_TABLE2[bench].get((name, buffer))
+            print(f"| {name} | {buffer or '-'} | {spread(accs)} | {spread(bwts)} | "
+                  f"{'-' if paper is None else f'{paper:.2f}'} | {t:.1f} | {t / base:.2f} |", flush=True)
+
+
 def run(make, dm, seed: int, out: Path) -> dict:
     cls, plugins = make()
     L.seed_everything(seed, verbose=False)
@@ -93,7 +224,8 @@ def run(make, dm, seed: int, out: Path) -> dict:
 
 
 def spread(values: list[float]) -> str:
-    return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+    """Mean ± sample standard deviation (n-1), as ``cl-lightning report`` gives it."""
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def table(title: str, methods: dict, make_dm, seeds: list[int], root: Path, only: list[str] | None) -> None:
@@ -117,7 +249,10 @@ def table(title: str, methods: dict, make_dm, seeds: list[int], root: Path, only
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["pmnist", "seqmnist", "all"], default="all")
+    parser.add_argument("--part", choices=["pmnist", "seqmnist", "der", "all"], default="all")
+    parser.add_argument("--der-benchmarks", nargs="+", choices=["seq", "perm", "rot"], default=["seq", "perm", "rot"])
+    parser.add_argument("--der-samples", type=int, default=None, help="DER protocol: training samples per task "
+                        "(default: all, the paper's)")
     parser.add_argument("--samples", type=int, default=60000, help="P-MNIST training samples per task")
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--seq-samples", type=int, default=None, help="Seq-MNIST training samples per task")
@@ -147,6 +282,9 @@ def main() -> None:
                 table(f"Seq-MNIST class-IL, buffer {buffer}, {args.seq_samples or 'all'} samples/task, batch "
                       f"{args.seq_batch}, Adam 1e-3, 1 epoch, seeds {args.seeds}",
                       seqmnist_methods(buffer, args.seq_batch), seq, args.seeds, tmp, args.methods)
+        if args.part == "der":  # not in "all": the paper's full protocol takes hours on a laptop CPU
+            for bench in args.der_benchmarks:
+                der_table(bench, root, args.seeds, args.buffers, tmp, args.methods, args.der_samples)
 
 
 if __name__ == "__main__":
