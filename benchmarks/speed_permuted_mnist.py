@@ -4,35 +4,56 @@ Permuted-MNIST-10, MLP 784-100-100-10, batch 128, Adam 1e-3, one epoch per task,
 tasks after each task; fine-tuning and EWC, each run through the task loop (fresh Trainer per task) and
 as a hand-written loop over the same in-memory tensors.
 
+Every side runs in its own fresh Python process, so the three figures of issue 19 come from one script run:
+training (the optimizer steps, EWC's Fisher pass included), evaluation (the untrained baseline row and one row
+of R after every task: 11 rows for 10 tasks) and the process wall (start of the interpreter to its exit: imports,
+reading MNIST, training, evaluation, the run folder's files). The bare loop's process imports torch only and
+reads the IDX files itself.
+
     python benchmarks/speed_permuted_mnist.py [--tasks 10] [--threads 2] [--ewc-strength 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from cl_lightning.callbacks import EWC
-from cl_lightning.datamodules import PermutedMNIST
-from cl_lightning.datamodules.mnist import default_data_dir, load_torchvision_split
-from cl_lightning.methods import ContinualModule
-from cl_lightning.nets import MLP
-from cl_lightning.runner import ContinualRunner
+REPO = Path(__file__).resolve().parents[1]
 
 
-def plain_loop(tasks: int, data_dir: str, ewc_strength: float | None, fisher_samples: int, seed: int) -> float:
-    """The same training written as a bare loop: returns final average accuracy."""
+def read_idx(path: Path) -> torch.Tensor:
+    """An MNIST IDX file as a tensor (the bare side reads its data without torchvision)."""
+    raw = path.read_bytes()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape).copy())
+
+
+def permutations(tasks: int, seed: int = 0) -> list[torch.Tensor]:
+    """The benchmark's permutations, computed as ``PermutedMNIST`` does (checked against it in ``ours``)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(784, generator=g) for _ in range(tasks)]
+
+
+def plain_loop(tasks: int, data_dir: str, ewc_strength: float | None, fisher_samples: int, seed: int) -> dict:
+    """The same training written as a bare loop: final average accuracy and the seconds of each part."""
     torch.manual_seed(seed)
-    x_train, y_train = load_torchvision_split("MNIST", data_dir, True)
-    x_test, y_test = load_torchvision_split("MNIST", data_dir, False)
-    perms = PermutedMNIST(num_tasks=tasks, data_dir=data_dir).permutations
+    raw = Path(data_dir) / "MNIST" / "raw"
+    x_train, y_train = read_idx(raw / "train-images-idx3-ubyte"), read_idx(raw / "train-labels-idx1-ubyte").long()
+    x_test, y_test = read_idx(raw / "t10k-images-idx3-ubyte"), read_idx(raw / "t10k-labels-idx1-ubyte").long()
+    perms = permutations(tasks)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
                           nn.Linear(100, 10))
 
@@ -41,8 +62,15 @@ def plain_loop(tasks: int, data_dir: str, ewc_strength: float | None, fisher_sam
 
     precision: dict[str, torch.Tensor] = {}
     anchor: dict[str, torch.Tensor] = {}
-    accs = []
+    def evaluate() -> list[float]:
+        with torch.no_grad():
+            return [float((model(inputs(x_test, j)).argmax(1) == y_test).float().mean()) for j in range(tasks)]
+
+    began = time.perf_counter()
+    accs = evaluate()  # the untrained row, as the task loop's FWT baseline
+    eval_s, train_s = time.perf_counter() - began, 0.0
     for t in range(tasks):
+        began = time.perf_counter()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         order = torch.randperm(len(y_train))
         for idx in order.split(128):
@@ -72,49 +100,77 @@ def plain_loop(tasks: int, data_dir: str, ewc_strength: float | None, fisher_sam
                     precision[n] = total
                 else:
                     precision[n], anchor[n] = f, params[n].clone()
-        with torch.no_grad():
-            accs = [float((model(inputs(x_test, j)).argmax(1) == y_test).float().mean()) for j in range(tasks)]
-    return sum(accs) / len(accs)
+        train_s += time.perf_counter() - began
+        began = time.perf_counter()
+        accs = evaluate()
+        eval_s += time.perf_counter() - began
+    return {"acc": sum(accs) / len(accs), "train": train_s, "eval": eval_s}
 
 
-def ours(tasks: int, data_dir: str, ewc_strength: float | None, fisher_samples: int, seed: int) -> float:
+def ours(tasks: int, data_dir: str, ewc_strength: float | None, fisher_samples: int, seed: int) -> dict:
+    import lightning as L
+
+    from cl_lightning.callbacks import EWC
+    from cl_lightning.datamodules import PermutedMNIST
+    from cl_lightning.methods import ContinualModule
+    from cl_lightning.nets import MLP
+    from cl_lightning.runner import ContinualRunner
+
     L.seed_everything(seed, verbose=False)
     plugins = [EWC(strength=ewc_strength, fisher_samples=fisher_samples)] if ewc_strength is not None else None
     model = ContinualModule(MLP(hidden_sizes=[100, 100]), lr=1e-3, plugins=plugins)
     dm = PermutedMNIST(num_tasks=tasks, data_dir=data_dir, batch_size=128)
+    if not all(torch.equal(a, b) for a, b in zip(dm.permutations, permutations(tasks), strict=True)):
+        raise SystemExit("the bare loop's permutations differ from PermutedMNIST's: fix permutations()")
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False}
         metrics = ContinualRunner(model, dm, run_dir, seed=seed, trainer_kwargs=trainer).run()
-    return metrics["ACC"]
+    return {"acc": metrics["ACC"], "train": metrics["train_seconds"], "eval": metrics["eval_seconds"]}
+
+
+def side(args: argparse.Namespace, label: str, strength: float | None) -> dict:
+    """Runs one side in a fresh process; its figures plus the process's whole wall time."""
+    cmd = [sys.executable, __file__, "--side", label, "--tasks", str(args.tasks), "--threads", str(args.threads),
+           "--fisher-samples", str(args.fisher_samples), "--data-dir", args.data_dir, "--seed", str(args.seed)]
+    if strength is not None:
+        cmd += ["--ewc-strength", str(strength)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    began = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    wall = time.perf_counter() - began
+    return {**json.loads(out.strip().splitlines()[-1]), "wall": wall}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--ewc-strength", type=float, default=1000.0)
+    parser.add_argument("--ewc-strength", type=float, default=1000.0, help="0: fine-tuning only")
     parser.add_argument("--fisher-samples", type=int, default=2000)
-    parser.add_argument("--data-dir", default=default_data_dir())
+    parser.add_argument("--data-dir", default=os.environ.get("CL_DATA_DIR", str(REPO / "data")))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--side", choices=["plain", "ours"], help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_torchvision_split("MNIST", args.data_dir, True)  # read once, outside the timings
-    load_torchvision_split("MNIST", args.data_dir, False)
-    samples = 60_000 * args.tasks
+    if args.side:  # one side, in its own process: print its figures as the last line
+        torch.set_num_threads(args.threads)
+        strength = args.ewc_strength if args.ewc_strength else None
+        fn = plain_loop if args.side == "plain" else ours
+        print(json.dumps(fn(args.tasks, args.data_dir, strength, args.fisher_samples, args.seed)))
+        return
     print(f"Permuted-MNIST-{args.tasks}, MLP 784-100-100-10, batch 128, Adam 1e-3, 1 epoch/task, "
-          f"{args.threads} threads\n")
-    print(f"{'method':<10}{'runner':>10}{'plain':>10}{'ratio':>8}{'samples/s':>12}{'plain s/s':>12}"
-          f"{'ACC':>8}{'plain ACC':>11}")
-    for name, strength in (("finetune", None), ("ewc", args.ewc_strength)):
-        timings = {}
-        accs = {}
-        for label, fn in (("plain", plain_loop), ("ours", ours)):
-            began = time.perf_counter()
-            accs[label] = fn(args.tasks, args.data_dir, strength, args.fisher_samples, args.seed)
-            timings[label] = time.perf_counter() - began
-        print(f"{name:<10}{timings['ours']:>9.1f}s{timings['plain']:>9.1f}s{timings['ours'] / timings['plain']:>8.2f}"
-              f"{samples / timings['ours']:>12.0f}{samples / timings['plain']:>12.0f}{accs['ours']:>8.3f}"
-              f"{accs['plain']:>11.3f}", flush=True)
+          f"{args.threads} threads, seed {args.seed}; each side in its own process\n")
+    print("| method | part | ours (s) | bare loop (s) | ratio | target |")
+    print("|---|---|---|---|---|---|")
+    targets = {"training": 1.25, "evaluation": 1.5, "process wall": 1.3}
+    methods = [("finetune", None)] + ([("ewc", args.ewc_strength)] if args.ewc_strength else [])
+    for name, strength in methods:
+        plain = side(args, "plain", strength)
+        mine = side(args, "ours", strength)
+        for part, key in (("training", "train"), ("evaluation", "eval"), ("process wall", "wall")):
+            ratio = mine[key] / plain[key]
+            print(f"| {name} | {part} | {mine[key]:.1f} | {plain[key]:.1f} | {ratio:.2f} | "
+                  f"{'met' if ratio <= targets[part] else 'missed'} ({targets[part]}x) |", flush=True)
+        print(f"| {name} | ACC | {mine['acc']:.3f} | {plain['acc']:.3f} | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ class RunRecord(L.Callback):
         self.rows: list[list[float]] = []
         self.steps = 0
         self.train_seconds = 0.0
+        #: Wall time of every evaluation (the untrained baseline and one row of R per task), apart from training.
+        self.eval_seconds = 0.0
         #: Adaptation rate integral of each finished task's training trajectory (None: regression).
         self.ari: list[float | None] = []
         #: This task's per-step misclassified samples on this rank, as the method counted them, and samples.
@@ -81,7 +83,8 @@ class RunRecord(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "rows": self.rows, "steps": self.steps,
-                "train_seconds": self.train_seconds, "ari": self.ari, "trajectory": self._counts().cpu(),
+                "train_seconds": self.train_seconds,
+                "eval_seconds": self.eval_seconds, "ari": self.ari, "trajectory": self._counts().cpu(),
                 "rng": rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -89,6 +92,7 @@ class RunRecord(L.Callback):
         self.rows = [list(r) for r in state_dict["rows"]]
         self.steps = int(state_dict["steps"])
         self.train_seconds = float(state_dict.get("train_seconds", 0.0))
+        self.eval_seconds = float(state_dict.get("eval_seconds", 0.0))
         self.ari = list(state_dict.get("ari", []))
         counts = state_dict.get("trajectory", torch.zeros(0, 2))
         self.trajectory = list(counts[:, 0].unbind(0))
@@ -226,7 +230,9 @@ class ContinualRunner:
 
     def evaluate(self, trainer: L.Trainer) -> list[float]:
         """One row of R: the score on every task (past and future), synced across ranks."""
+        began = time.perf_counter()
         trainer.test(self.model, datamodule=self.dm, verbose=False)
+        self.record.eval_seconds += time.perf_counter() - began
         assert self.model.last_eval is not None
         return [float(v) for v in self.model.last_eval]
 
@@ -354,6 +360,7 @@ class ContinualRunner:
             "ARI": self.record.ari,
             "storage": self.model.storage(),
             "train_seconds": self.record.train_seconds,
+            "eval_seconds": self.record.eval_seconds,
             "optimizer_steps": self.record.steps,
             "seed": self.seed,
         }
