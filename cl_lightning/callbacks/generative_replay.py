@@ -14,9 +14,11 @@ parameter and buffer taken at the task's start and kept in the plugin's checkpoi
 A method that also trains its generator on replayed inputs (DGR's VAE relearning its own past samples)
 exposes ``generator_replay_loss(x, task_ids)``; it is added to the same term.
 
-The source is an explicit small interface (:class:`ReplaySource`); by default the method itself (a
-generative replay method such as ``cl_lightning.methods.replay.DGR``). A stored rehearsal memory plugs in
-by implementing the same ``sample_replay``.
+The source is an explicit small interface (:class:`ReplaySource`): by default (``source: method``) the method
+itself, a generative replay method such as ``cl_lightning.methods.replay.DGR``; with ``source: memory`` the
+rehearsal plugin beside this one (any ``cl_lightning.callbacks.rehearsal.RehearsalPlugin``, e.g. with
+``insertion: task_end, balance: task``), whose stored samples come with their labels. So generated and stored
+replay share this one plugin: its batch spread over the past tasks, its seeded draws, its loss.
 
 Distributed: the replay batch is drawn from a generator seeded by (run seed, task, step), so every rank
 draws the same global batch and keeps its own contiguous share of it, as the datamodule does with real data;
@@ -26,7 +28,7 @@ identical on every rank.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import lightning as L
 import torch
@@ -66,11 +68,14 @@ class Replay(ContinualCallback):
             code with ``l_rew=0.5``, up to a factor Adam ignores).
         targets: ``soft`` (distillation from the teacher) or ``hard`` (its argmax).
         temperature: the distillation temperature.
-        source: a :class:`ReplaySource`; ``None`` means the method itself.
+        source: ``method`` (the method is the source: a generative replay method), ``memory`` (the one rehearsal
+            plugin among the method's plugins), or a :class:`ReplaySource` object.
     """
 
+    SOURCES = ("method", "memory")
+
     def __init__(self, batch_size: int = 128, weight: float = 1.0, targets: str = "soft", temperature: float = 2.0,
-                 source: ReplaySource | None = None):
+                 source: str | ReplaySource = "method"):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
@@ -80,7 +85,10 @@ class Replay(ContinualCallback):
             raise ValueError(f"targets={targets!r} is not one of {list(TARGETS)}")
         if not temperature > 0:
             raise ValueError(f"temperature={temperature} must be positive")
-        if source is not None and not isinstance(source, ReplaySource):
+        if isinstance(source, str):
+            if source not in self.SOURCES:
+                raise ValueError(f"source={source!r} is not one of {list(self.SOURCES)} (or a ReplaySource object)")
+        elif not isinstance(source, ReplaySource):
             raise ValueError(f"source: {type(source).__name__} has no sample_replay(tasks, generator, teacher)")
         self.batch_size, self.weight, self.targets, self.temperature = batch_size, weight, targets, temperature
         self.source = source
@@ -90,7 +98,12 @@ class Replay(ContinualCallback):
     # ------------------------------------------------------------------ teacher
     def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         if self._source(module) is None:
-            raise ValueError(f"Replay needs a source: {type(module).__name__} has no sample_replay")
+            if self.source == "memory":
+                found = [type(p).__name__ for p in self._memories(module)]
+                raise ValueError(f"Replay(source: memory) needs exactly one rehearsal plugin (e.g. RehearsalPlugin) "
+                                 f"among {type(module).__name__}'s plugins; found {found or 'none'}")
+            raise ValueError(f"Replay needs a source: {type(module).__name__} has no sample_replay (a generative "
+                             f"replay method), and source is not 'memory'")
         if self.batch_size % trainer.world_size:
             raise ValueError(f"batch_size={self.batch_size} is the global replay batch and must divide by the "
                              f"{trainer.world_size} processes")
@@ -99,10 +112,16 @@ class Replay(ContinualCallback):
             return
         self.teacher = {n: t.detach().clone() for n, t in [*module.named_parameters(), *module.named_buffers()]}
 
+    def _memories(self, module: ContinualModule) -> list[ReplaySource]:
+        return [p for p in module.plugins if p is not self and isinstance(p, ReplaySource)]
+
     def _source(self, module: ContinualModule) -> ReplaySource | None:
-        if self.source is not None:
-            return self.source
-        return module if isinstance(module, ReplaySource) else None
+        if self.source == "method":
+            return module if isinstance(module, ReplaySource) else None
+        if self.source == "memory":
+            found = self._memories(module)
+            return found[0] if len(found) == 1 else None
+        return cast(ReplaySource, self.source)
 
     def _teacher_on(self, device: torch.device) -> dict[str, Tensor]:
         assert self.teacher is not None

@@ -122,6 +122,26 @@ class RehearsalPlugin(ContinualCallback):
         share = idx.tensor_split(world)[rank]
         return self.memory.get(share, module.device), world / len(idx)
 
+    def sample_replay(self, tasks: Tensor, generator: torch.Generator,
+                      teacher: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Stored samples of the given past tasks (one per entry of ``tasks``, drawn with ``generator``) and
+        their stored labels: the memory as a ``ReplaySource``, so the ``Replay`` plugin (``source: memory``)
+        replays it exactly as it replays a generator. A task with no stored sample (possible with a small
+        reservoir) is replaced by samples of the whole memory."""
+        if self.memory.is_empty:
+            raise ValueError(f"{type(self).__name__}: the memory is empty, there is nothing to replay")
+        stored = self.memory.data["t"].cpu()
+        tasks = tasks.cpu()
+        idx = torch.empty(len(tasks), dtype=torch.long)
+        for k in tasks.unique().tolist():
+            where = (tasks == k).nonzero().squeeze(1)
+            pool = (stored == k).nonzero().squeeze(1)
+            if len(pool) == 0:
+                pool = torch.arange(len(stored))
+            idx[where] = pool[torch.randint(len(pool), (len(where),), generator=generator)]
+        rows = self.memory.get(idx)
+        return rows["x"], rows["y"]
+
     # ------------------------------------------------------------------ state
     def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
         assert module.info is not None  # set when the method binds, before any plugin runs
