@@ -28,7 +28,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, vmap
 
 from cl_lightning.callbacks.rehearsal import RehearsalPlugin, world_and_rank
 
@@ -105,20 +105,16 @@ class _Projection(RehearsalPlugin, ABC):
     def trainable(module: nn.Module) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad and p.grad is not None]
 
-    def memory_loss_grads(self, module: ContinualModule, rows: dict[str, Tensor], groups: Tensor, k: int,
-                          names: list[str]) -> Tensor:
-        """``[k, p]``: the gradient of the summed loss of this rank's ``rows`` in each group ``0..k-1``,
-        one forward and a batched (vmapped) backward over the groups."""
-        leaves = {n: p.detach() for n, p in module.named_parameters()}
-        fixed = {**{n: v for n, v in leaves.items() if n not in names}, **dict(module.named_buffers())}
-
-        def losses(trained: dict[str, Tensor]) -> Tensor:
-            out = functional_call(module, {**fixed, **trained}, (rows["x"], rows["t"]))
-            per_row = F.cross_entropy(out, rows["y"], reduction="none")
-            return torch.zeros(k, dtype=per_row.dtype, device=per_row.device).index_add(0, groups, per_row)
-
-        jac = jacrev(losses)({n: leaves[n] for n in names})
-        return torch.cat([jac[n].reshape(k, -1) for n in names], 1)
+    @staticmethod
+    def memory_loss_grad(module: ContinualModule, rows: dict[str, Tensor], names: list[str]) -> Tensor:
+        """``[p]``: the gradient of the summed loss of this rank's ``rows``, by one plain forward and backward
+        (``torch.autograd.grad``: the parameters' ``.grad``, which holds the step's gradient, is not touched)."""
+        params = dict(module.named_parameters())
+        with torch.enable_grad():
+            out = module(rows["x"], rows["t"])
+            loss = F.cross_entropy(out, rows["y"], reduction="sum")
+            grads = torch.autograd.grad(loss, [params[n] for n in names])
+        return torch.cat([g.reshape(-1) for g in grads])
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -211,8 +207,7 @@ class AGEM(_Projection):
         drawn = self.replay_batch(module)
         assert drawn is not None, "a reference gradient needs a non-empty memory"
         rows, scale = drawn
-        zeros = torch.zeros(len(rows["y"]), dtype=torch.long, device=module.device)
-        grad = self.memory_loss_grads(module, rows, zeros, 1, names)[0]
+        grad = self.memory_loss_grad(module, rows, names)
         return self.reduce_sum(trainer, grad) * (scale / world_and_rank(module)[0])
 
     def project(self, trainer: L.Trainer, module: ContinualModule, g: Tensor, names: list[str]) -> Tensor:
