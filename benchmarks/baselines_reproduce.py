@@ -193,11 +193,8 @@ def der_table(bench: str, root: str, seeds: list[int], buffers: list[int], out: 
             for seed in seeds:
                 L.seed_everything(seed, verbose=False)
                 model = der_model(name, buffer, per_buffer[buffer], seed)
-                kwargs = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
-                          "log_every_n_steps": 50}
-                dm = der_data(bench, root, seed, samples)
-                m = ContinualRunner(model, dm, out / f"run_{len(list(out.iterdir()))}", trainer_kwargs=kwargs,
-                                    seed=seed).run()
+                m = run_model(model, der_data(bench, root, seed, samples), seed,
+                              out / f"run_{len(list(out.iterdir()))}")
                 accs.append(100 * m["ACC"])
                 bwts.append(100 * m["BWT"])
                 secs.append(m["train_seconds"])
@@ -208,6 +205,16 @@ def der_table(bench: str, root: str, seeds: list[int], buffers: list[int], out: 
                   f"{'-' if paper is None else f'{paper:.2f}'} | {t:.1f} | {t / base:.2f} |", flush=True)
 
 
+def run_model(model: ContinualModule, dm, seed: int, out: Path) -> dict:
+    """One run of the task loop on the CPU, one epoch per task, quiet; ``wall_seconds`` added."""
+    kwargs = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
+              "log_every_n_steps": 50}
+    began = time.perf_counter()
+    metrics = ContinualRunner(model, dm, out, trainer_kwargs=kwargs, seed=seed).run()
+    metrics["wall_seconds"] = time.perf_counter() - began
+    return metrics
+
+
 def run(make, dm, seed: int, out: Path) -> dict:
     cls, plugins = make()
     L.seed_everything(seed, verbose=False)
@@ -215,12 +222,7 @@ def run(make, dm, seed: int, out: Path) -> dict:
         model = GDumb(MLP(hidden_sizes=[100, 100]), plugins=plugins)
     else:
         model = cls(MLP(hidden_sizes=[100, 100]), lr=1e-3, optimizer="adam", plugins=plugins)
-    kwargs = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
-              "log_every_n_steps": 50}
-    began = time.perf_counter()
-    metrics = ContinualRunner(model, dm, out, trainer_kwargs=kwargs, seed=seed).run()
-    metrics["wall_seconds"] = time.perf_counter() - began
-    return metrics
+    return run_model(model, dm, seed, out)
 
 
 def spread(values: list[float]) -> str:

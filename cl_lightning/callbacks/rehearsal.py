@@ -132,13 +132,15 @@ class RehearsalPlugin(ContinualCallback):
             raise ValueError(f"{type(self).__name__}: the memory is empty, there is nothing to replay")
         stored = self.memory.data["t"].cpu()
         tasks = tasks.cpu()
-        idx = torch.empty(len(tasks), dtype=torch.long)
-        for k in tasks.unique().tolist():
-            where = (tasks == k).nonzero().squeeze(1)
-            pool = (stored == k).nonzero().squeeze(1)
-            if len(pool) == 0:
-                pool = torch.arange(len(stored))
-            idx[where] = pool[torch.randint(len(pool), (len(where),), generator=generator)]
+        # one batched draw: a uniform position inside each entry's task block of the task-sorted memory
+        order = torch.argsort(stored, stable=True)
+        counts = torch.bincount(stored, minlength=int(tasks.max()) + 1)
+        starts = counts.cumsum(0) - counts
+        n, u = counts[tasks], torch.rand(len(tasks), generator=generator)
+        offset = (u * n).long().clamp_max((n - 1).clamp_min(0))
+        in_task = order[(starts[tasks] + offset).clamp_max(len(stored) - 1)]  # clamped: empty tasks, unused
+        anywhere = (u * len(stored)).long().clamp_max(len(stored) - 1)
+        idx = torch.where(n > 0, in_task, anywhere)
         rows = self.memory.get(idx)
         return rows["x"], rows["y"]
 
