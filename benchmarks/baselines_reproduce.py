@@ -13,7 +13,9 @@ Two settings (``--part``):
   paper's Table 2 means: Seq-MNIST class-IL (5 tasks, stream batch 10), P-MNIST and R-MNIST domain-IL (20 tasks,
   batch 128, a uniform random angle in [0, 180) per R-MNIST task); all training images, one epoch per task, plain
   SGD, MLP 784-100-100-10 with Xavier-uniform weights and zero biases (Mammoth's ``MNISTMLP``). ``--der-benchmarks``
-  picks among ``seq perm rot``.
+  picks among ``seq perm rot``. Mammoth's ER takes one cross-entropy over the current batch concatenated with
+  the replayed one, ``(B CE_cur + m CE_mem) / (B + m)``, where our ``ExperienceReplay`` adds ``CE_cur + CE_mem``;
+  with plain SGD that is the same step at the learning rate scaled by ``B / (B + m)``, which this protocol uses.
 
 Times are ``train_seconds`` of the run (training only, evaluation excluded) and, as the machine may be shared,
 each is also given as a ratio to fine-tuning measured in the same script run.
@@ -144,9 +146,11 @@ def mammoth_mlp() -> MLP:
     return net
 
 
-def der_model(name: str, buffer: int, hp: dict[str, float], seed: int) -> ContinualModule:
-    """One method of the DER protocol with Mammoth's arguments ``hp``: plain SGD, no momentum."""
+def der_model(name: str, buffer: int, hp: dict[str, float], seed: int, batch: int) -> ContinualModule:
+    """One method of the DER protocol with Mammoth's arguments ``hp``: plain SGD, no momentum; ``batch`` is the
+    stream's batch size."""
     mbs = int(hp.get("mbs", 10))
+    lr = hp["lr"] * batch / (batch + mbs) if name == "er" else hp["lr"]  # Mammoth's concatenated-batch mean
     plugins = {
         "sgd": list, "lwf": lambda: [LwF(1.0, 2.0)],
         "er": lambda: [ExperienceReplay(buffer, mbs, seed=seed)],
@@ -161,7 +165,7 @@ def der_model(name: str, buffer: int, hp: dict[str, float], seed: int) -> Contin
     if name == "gdumb":  # its own recipe: SGD + cosine schedule from scratch on the memory, 30 epochs
         return GDumb(mammoth_mlp(), plugins=plugins, seed=seed)
     cls = {"icarl": ICaRL, "er_ace": ERACE}.get(name, ContinualModule)
-    return cls(mammoth_mlp(), lr=hp["lr"], optimizer="sgd", weight_decay=2 * hp.get("wd", 0.0), plugins=plugins)
+    return cls(mammoth_mlp(), lr=lr, optimizer="sgd", weight_decay=2 * hp.get("wd", 0.0), plugins=plugins)
 
 
 def der_data(bench: str, root: str, seed: int, samples: int | None):
@@ -192,7 +196,7 @@ def der_table(bench: str, root: str, seeds: list[int], buffers: list[int], out: 
             accs, bwts, secs = [], [], []
             for seed in seeds:
                 L.seed_everything(seed, verbose=False)
-                model = der_model(name, buffer, per_buffer[buffer], seed)
+                model = der_model(name, buffer, per_buffer[buffer], seed, DER_BATCH[bench])
                 m = run_model(model, der_data(bench, root, seed, samples), seed,
                               out / f"run_{len(list(out.iterdir()))}")
                 accs.append(100 * m["ACC"])
