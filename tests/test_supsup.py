@@ -203,3 +203,69 @@ def test_gn_inference_also_runs_with_trainer_inference_mode_off(tmp_path):
     assert model.last_task_inference is not None and len(model.last_task_inference) == 3
     assert len(m["R"]) == 3
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------ superfluous neurons
+def test_superfluous_neurons_widen_the_output_but_not_the_prediction(tmp_path):
+    torch.manual_seed(0)
+    dm = PermutedBlobs(num_tasks=2, scenario="domain")
+    model = SupSup(backbone=MaskedMLP(hidden_sizes=(32,), density=0.5), lr=0.05, output_neurons=12)
+    m = run_tasks(model, dm, tmp_path, max_epochs=2)
+    assert model.backbone.layers[-1].out_features == 12
+    x = dm.split(0, "test").x[:8]
+    assert model.all_outputs(x, 0).shape == (8, 12)
+    assert model(x, torch.zeros(8, dtype=torch.long)).shape == (8, 4)  # the task's 4 classes only
+    assert min(m["R"][-1]) > 0.8, m["R"]
+    # the extra outputs are never a label: training pushes them below the real classes
+    with torch.no_grad():
+        out = model.all_outputs(dm.split(0, "test").x, 0)
+    assert out[:, 4:].max(1).values.mean() < out[:, :4].max(1).values.mean() - 1.0
+
+
+def test_the_superfluous_objective_sends_gradient_only_through_the_extra_outputs():
+    from cl_lightning.methods.supsup import mean_entropy, superfluous_objective
+
+    logits = torch.randn(5, 12, requires_grad=True)
+    (g,) = torch.autograd.grad(superfluous_objective(logits, 4), logits)
+    assert torch.equal(g[:, :4], torch.zeros(5, 4)) and (g[:, 4:] != 0).all()
+    # its value is the full log-sum-exp, and the entropy objective differentiates every output
+    assert torch.isclose(superfluous_objective(logits, 4), logits.logsumexp(1).mean())
+    (h,) = torch.autograd.grad(mean_entropy(logits), logits)
+    assert (h[:, :4] != 0).all()
+
+
+def test_superfluous_settings_are_checked_against_the_benchmark():
+    info = PermutedBlobs(num_tasks=2, scenario="domain").info
+    with pytest.raises(ValueError, match="output_neurons=3 is fewer than the 4 classes"):
+        SupSup(backbone=MaskedMLP(hidden_sizes=(8,)), output_neurons=3).setup_tasks(info)
+    with pytest.raises(ValueError, match="inference_objective='superfluous' needs output_neurons"):
+        SupSup(backbone=MaskedMLP(hidden_sizes=(8,)), inference_objective="superfluous").setup_tasks(info)
+    with pytest.raises(ValueError, match="inference_objective='g'"):
+        SupSup(inference_objective="g")
+    with pytest.raises(ValueError, match="output_neurons=0"):
+        SupSup(output_neurons=0)
+
+
+def test_superfluous_neurons_make_one_image_enough_to_infer_the_task(mnist_root, tmp_path):
+    """SupSup's GN runs use 100 outputs for 10 classes; with 10, the entropy gradient of a single image often
+    picks a wrong mask after 5 short tasks, with 100 and the G objective it picks the right one."""
+    runs = {}
+    for width, objective in [(None, "entropy"), (100, "superfluous")]:
+        torch.manual_seed(0)
+        dm = SmallPermutedMNIST(num_tasks=5, data_dir=str(mnist_root), train_samples_per_task=3000, batch_size=64,
+                                eval_batch_size=1000)
+        model = SupSup(backbone=MaskedMLP(hidden_sizes=(100,)), lr=0.01, output_neurons=width,
+                       inference_objective=objective)
+        m = run_tasks(model, dm, tmp_path / str(width), max_epochs=1)
+        hits = []
+        with torch.inference_mode():
+            for t in range(5):
+                test = dm.split(t, "test")
+                x = test.transform(test.x[:40])
+                hits.append(sum(model.infer_task(x[i:i + 1]) == t for i in range(40)) / 40)
+        runs[width] = (hits, m["R"][-1])
+    (plain, plain_r), (wide, wide_r) = runs[None], runs[100]
+    assert min(wide) >= 0.95, wide
+    assert sum(plain) / 5 < sum(wide) / 5 - 0.1, (plain, wide)
+    # on whole test batches (1000 images) both infer the task and classify well: the gain is in one image
+    assert min(wide_r) > 0.75 and min(plain_r) > 0.75, (plain_r, wide_r)

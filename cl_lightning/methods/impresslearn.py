@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.callbacks.mask_basis import MaskBasisFreezing
-from cl_lightning.methods.supsup import INFERENCE_MODES, SupermaskModule, mean_entropy
+from cl_lightning.methods.supsup import INFERENCE_MODES, SupermaskModule
 from cl_lightning.nets.masked import MaskedNet
 from cl_lightning.tasks import BenchmarkInfo, Scenario
 
@@ -49,6 +49,7 @@ class ImpressLearn(SupermaskModule):
         task_inference: ``auto`` (task-IL: ``given``; otherwise ``oneshot``), ``given``, ``oneshot``,
             ``binary`` or ``basis``.
         inference_steps, inference_lr: Adam steps and step size of basis-GN's entropy minimisation.
+        output_neurons, inference_objective: superfluous neurons and the inference objective, as for SupSup.
         lr, optimizer, momentum, weight_decay, plugins: as for every method; a ``MaskBasisFreezing``
             plugin is added when none is given.
     """
@@ -60,9 +61,11 @@ class ImpressLearn(SupermaskModule):
     def __init__(self, backbone: MaskedNet | None = None, basis_kind: str = "heterogeneous", basis_size: int = 5,
                  penalty: float = 0.0, alpha_lr: float = 0.05, homogeneous_subsample: float = 0.5,
                  task_inference: str = "auto", inference_steps: int = 10, inference_lr: float = 0.05,
-                 lr: float = 0.01, optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
+                 output_neurons: int | None = None, inference_objective: str = "entropy", lr: float = 0.01,
+                 optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
                  plugins: Sequence[ContinualCallback] | None = None):
-        super().__init__(backbone=backbone, task_inference=task_inference, lr=lr, optimizer=optimizer,
+        super().__init__(backbone=backbone, task_inference=task_inference, output_neurons=output_neurons,
+                         inference_objective=inference_objective, lr=lr, optimizer=optimizer,
                          momentum=momentum, weight_decay=weight_decay, plugins=plugins)
         if basis_kind not in BASIS_KINDS:
             raise ValueError(f"basis_kind={basis_kind!r} is not one of {BASIS_KINDS}")
@@ -190,7 +193,7 @@ class ImpressLearn(SupermaskModule):
         out = self.backbone.forward_each(x[idx], self.basis_slots)              # [M, n, k]
         labels = self.local_labels(y[idx], 0)
         losses = F.cross_entropy(out.flatten(0, 1), labels.flatten(), reduction="none")
-        return TaskLoss((losses * mine.flatten()).sum() * world / keep, out[mine], labels[mine])
+        return TaskLoss((losses * mine.flatten()).sum() * world / keep, self.real_logits(out[mine]), labels[mine])
 
     # ------------------------------------------------------------------ inference
     def predict_for_eval(self, x: Tensor, task_ids: Tensor) -> Tensor:
@@ -198,7 +201,7 @@ class ImpressLearn(SupermaskModule):
             return super().predict_for_eval(x, task_ids)
         alpha = self.basis_alpha(x)
         with torch.no_grad():
-            return self.backbone(x, self.basis_slots, alpha)
+            return self.real_logits(self.backbone(x, self.basis_slots, alpha))
 
     def basis_alpha(self, x: Tensor) -> Tensor:
         """basis-GN: coefficients fitted to one unlabelled batch by entropy minimisation, from uniform."""
@@ -208,7 +211,7 @@ class ImpressLearn(SupermaskModule):
                                device=x.device, requires_grad=True)
             opt = torch.optim.Adam([alpha], lr=self.inference_lr)
             for _ in range(self.inference_steps):
-                loss = mean_entropy(self.backbone(x, self.basis_slots, alpha))
+                loss = self.inference_loss(self.backbone(x, self.basis_slots, alpha))
                 if self.penalty > 0:
                     loss = loss + self.alpha_penalty(alpha)
                 (alpha.grad,) = torch.autograd.grad(loss, alpha)

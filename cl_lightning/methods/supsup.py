@@ -13,6 +13,12 @@ too: the last masked layer outputs one task's classes.
   The gradients need autograd inside Lightning's test loop: inference runs under
   ``torch.inference_mode(False)`` + ``torch.enable_grad()`` on a clone of the batch, so the default
   ``trainer.inference_mode=true`` works, and so does ``false``.
+- Superfluous neurons (``output_neurons`` wider than a task's classes; the authors' GN runs on
+  Permuted-MNIST use 100 outputs for 10 classes): the extra outputs are never a label, so a task's own mask
+  learns to keep them low, while a superposition that leans on wrong masks spreads probability over them.
+  The inference objective sees every output: ``entropy`` (the paper's H) or ``superfluous`` (its G, the
+  log-sum-exp of the outputs with the real classes' logits held constant, so that only the superfluous
+  neurons carry the gradient). Predictions use the real classes' outputs only.
 
 Every task is written as a coefficient matrix over the mask slots, ``[slots, layers]`` (one-hot for a
 SupSup mask, learned for an ImpressLearn combination), so superposing tasks is one einsum and the same
@@ -36,12 +42,20 @@ from cl_lightning.nets.masked import MaskedLeNet300100, MaskedNet
 from cl_lightning.tasks import BenchmarkInfo, Scenario
 
 INFERENCE_MODES = ("auto", "given", "oneshot", "binary")
+INFERENCE_OBJECTIVES = ("entropy", "superfluous")
 
 
 def mean_entropy(logits: Tensor) -> Tensor:
     """Mean over the batch of the entropy of the softmax outputs."""
     logp = F.log_softmax(logits, dim=1)
     return -(logp.exp() * logp).sum(1).mean()
+
+
+def superfluous_objective(logits: Tensor, real: int) -> Tensor:
+    """SupSup's G: the batch mean of the log-sum-exp of all outputs, with the first ``real`` (the task's
+    classes) held constant, so its gradient flows only through the superfluous outputs."""
+    held = torch.cat([logits[:, :real].detach(), logits[:, real:]], dim=1)
+    return held.logsumexp(dim=1).mean()
 
 
 def mask_bytes(numels: Sequence[int], kept: Sequence[int]) -> dict[str, int]:
@@ -65,7 +79,8 @@ class SupermaskModule(ContinualModule, ABC):
     inference_modes: tuple[str, ...] = INFERENCE_MODES
     backbone: MaskedNet  # checked in __init__
 
-    def __init__(self, backbone: MaskedNet | None = None, task_inference: str = "auto", lr: float = 0.01,
+    def __init__(self, backbone: MaskedNet | None = None, task_inference: str = "auto",
+                 output_neurons: int | None = None, inference_objective: str = "entropy", lr: float = 0.01,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
                  plugins: Sequence[ContinualCallback] | None = None):
         super().__init__(backbone=backbone if backbone is not None else MaskedLeNet300100(), lr=lr,
@@ -75,6 +90,11 @@ class SupermaskModule(ContinualModule, ABC):
                              "(e.g. cl_lightning.nets.masked.MaskedLeNet300100)")
         if task_inference not in self.inference_modes:
             raise ValueError(f"task_inference={task_inference!r} is not one of {self.inference_modes}")
+        if output_neurons is not None and output_neurons < 1:
+            raise ValueError(f"output_neurons={output_neurons} must be positive (or null: the task's classes)")
+        if inference_objective not in INFERENCE_OBJECTIVES:
+            raise ValueError(f"inference_objective={inference_objective!r} is not one of {INFERENCE_OBJECTIVES}")
+        self.output_neurons, self.inference_objective = output_neurons, inference_objective
         self.task_inference = task_inference
         self.inference = task_inference
         self._counts: Tensor | None = None
@@ -87,7 +107,14 @@ class SupermaskModule(ContinualModule, ABC):
             raise ValueError(f"{type(self).__name__} is a classification method "
                              f"(benchmark {info.name!r} is regression)")
         self.inference = self.resolve_inference(info.scenario)
-        self.backbone.set_io(math.prod(info.input_shape), info.outputs_per_task, self.num_slots(info))
+        width = self.output_neurons or info.outputs_per_task
+        if width < info.outputs_per_task:
+            raise ValueError(f"output_neurons={width} is fewer than the {info.outputs_per_task} classes of a task "
+                             f"of {info.name!r}")
+        if self.inference_objective == "superfluous" and width == info.outputs_per_task:
+            raise ValueError("inference_objective='superfluous' needs output_neurons above the task's "
+                             f"{info.outputs_per_task} classes (SupSup's GN runs use 100 for 10)")
+        self.backbone.set_io(math.prod(info.input_shape), width, self.num_slots(info))
 
     def resolve_inference(self, scenario: Scenario) -> str:
         mode = self.task_inference
@@ -122,10 +149,26 @@ class SupermaskModule(ContinualModule, ABC):
         return dense
 
     # ------------------------------------------------------------------ forward / loss
-    def task_logits(self, x: Tensor, task: int) -> Tensor:
-        """The ``outputs_per_task`` logits of ``task``'s (combined) masks."""
+    def all_outputs(self, x: Tensor, task: int) -> Tensor:
+        """Every output of ``task``'s (combined) masks: its classes, then any superfluous neurons."""
         slots, coeff = self.program(task)
         return self.backbone(x, slots, coeff)
+
+    def real_logits(self, outputs: Tensor) -> Tensor:
+        """The task's classes among the outputs (superfluous neurons dropped)."""
+        assert self.info is not None
+        return outputs[:, : self.info.outputs_per_task]
+
+    def task_logits(self, x: Tensor, task: int) -> Tensor:
+        """The ``outputs_per_task`` logits of ``task``'s (combined) masks."""
+        return self.real_logits(self.all_outputs(x, task))
+
+    def inference_loss(self, outputs: Tensor) -> Tensor:
+        """What task inference descends: the mean entropy over all outputs, or SupSup's G."""
+        if self.inference_objective == "superfluous":
+            assert self.info is not None
+            return superfluous_objective(outputs, self.info.outputs_per_task)
+        return mean_entropy(outputs)
 
     def local_labels(self, y: Tensor, task: int) -> Tensor:
         assert self.info is not None
@@ -137,14 +180,16 @@ class SupermaskModule(ContinualModule, ABC):
         return per_task_outputs(x, task_ids, lambda t, rows: place_task_logits(self.task_logits(rows, t), t, info))
 
     def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
-        """Cross-entropy of each sample on its own task's logits (local labels)."""
+        """Cross-entropy of each sample on its own task's outputs (local labels; superfluous neurons
+        included, so that training pushes them down)."""
         x, y, task_ids = batch
         total, logits, labels = x.new_zeros(()), [], []
         for t in task_ids.unique().tolist():
             rows = task_ids == t
-            logits.append(self.task_logits(x[rows], t))
+            outputs = self.all_outputs(x[rows], t)
+            logits.append(self.real_logits(outputs))
             labels.append(self.local_labels(y[rows], t))
-            total = total + F.cross_entropy(logits[-1], labels[-1], reduction="sum")
+            total = total + F.cross_entropy(outputs, labels[-1], reduction="sum")
         return TaskLoss(total / len(y), torch.cat(logits), torch.cat(labels))
 
     # ------------------------------------------------------------------ task inference
@@ -168,7 +213,7 @@ class SupermaskModule(ContinualModule, ABC):
             while True:
                 beta = torch.full((len(active),), 1.0 / len(active), device=x.device, requires_grad=True)
                 coeffs = torch.einsum("c,csl->sl", beta, programs[active])
-                (g,) = torch.autograd.grad(mean_entropy(self.backbone(x, slots, coeffs)), beta)
+                (g,) = torch.autograd.grad(self.inference_loss(self.backbone(x, slots, coeffs)), beta)
                 if mode == "oneshot" or len(active) <= 2:
                     return cands[int(active[g.argmin()])]
                 active = active[g.argsort()[: (len(active) + 1) // 2]]
@@ -241,6 +286,9 @@ class SupSup(SupermaskModule):
         backbone: a masked network (default: LeNet-300-100 at density 0.5, signed constant weights).
         task_inference: ``auto`` (task-IL: ``given``; domain- and class-IL: ``oneshot``), ``given`` (GG),
             ``oneshot`` (GN, one gradient) or ``binary`` (GN, binary search over the tasks).
+        output_neurons: width of the masked output layer; null: a task's classes. Wider adds superfluous
+            neurons (never a label), which sharpen GN task inference.
+        inference_objective: what GN inference descends: ``entropy`` (H) or ``superfluous`` (G).
         lr, optimizer, momentum, weight_decay: the optimizer of the current task's scores.
         plugins: continual-learning callbacks.
     """
