@@ -124,3 +124,25 @@ def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
         load_torchvision_split("MNIST", str(tmp_path / "absent"), True, True)
     assert not (tmp_path / "absent").exists()
     assert str(info.value).count("no network here") < 30 and " ...)" in str(info.value)  # shortened at a word
+
+
+def test_standard_pixels_are_standardised_and_rotations_pad_with_black(mnist_root):
+    kw = {"num_tasks": 2, "data_dir": str(mnist_root), "train_samples_per_task": 5000}
+    unit, std = PermutedMNIST(**kw), PermutedMNIST(pixels="standard", **kw)
+    for dm in (unit, std):
+        dm.setup()
+    xu = unit.split(1, "train").transform(unit.split(1, "train").x)
+    xs = std.split(1, "train").transform(std.split(1, "train").x)
+    assert 0.0 <= xu.min() and xu.max() <= 1.0
+    assert abs(xs.mean().item()) < 0.02 and abs(xs.std().item() - 1.0) < 0.02
+    torch.testing.assert_close(xs, (xu - 0.1307) / 0.3081)
+    rot = RotatedMNIST(angles=[0.0, 45.0], pixels="standard", **kw)
+    rot.setup()
+    x = rot.split(1, "test").transform(rot.split(1, "test").x[:8])
+    # the corners a 45-degree rotation brings in are black, i.e. the standardised zero pixel
+    torch.testing.assert_close(x[:, 0, 0, 0], torch.full((8,), -0.1307 / 0.3081))
+    split = SplitMNIST(pixels="standard", data_dir=str(mnist_root))
+    split.setup()
+    assert split.split(0, "train").transform(split.split(0, "train").x[:4]).min() < -0.4
+    with pytest.raises(ValueError, match="pixels='z-score' is not one of"):
+        PermutedMNIST(pixels="z-score", **kw)

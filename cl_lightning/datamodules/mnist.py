@@ -93,13 +93,37 @@ def to_unit_range(x: Tensor) -> Tensor:
     return x.unsqueeze(1).float().div_(255.0)
 
 
+PIXELS = ("unit", "standard")
+
+
+class PixelScale:
+    """Pixels in [0, 1] (``unit``), or standardised with the data set's mean and std (``standard``, as
+    torchvision's examples, Avalanche and the SupSup code feed MNIST; it changes how much an MLP forgets)."""
+
+    def __init__(self, kind: str, mean: float, std: float):
+        if kind not in PIXELS:
+            raise ValueError(f"pixels={kind!r} is not one of {PIXELS}")
+        self.kind, self.mean, self.std = kind, mean, std
+
+    def finish(self, x: Tensor) -> Tensor:
+        """A [0, 1] float batch to this scale (after any geometric transform, so rotations pad with black)."""
+        return x.sub_(self.mean).div_(self.std) if self.kind == "standard" else x
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.finish(to_unit_range(x))
+
+
 class _MNISTFamily(ContinualDataModule):
     dataset = "MNIST"
+    #: the training split's pixel mean and std in [0, 1] (``pixels: standard``)
+    mean_std = (0.1307, 0.3081)
 
-    def __init__(self, num_tasks: int, data_dir: str | None = None, download: bool = True, **kwargs):
+    def __init__(self, num_tasks: int, data_dir: str | None = None, download: bool = True, pixels: str = "unit",
+                 **kwargs):
         super().__init__(num_tasks=num_tasks, **kwargs)
         self.data_dir = data_dir or default_data_dir()
         self.download = download
+        self.pixel_scale = PixelScale(pixels, *self.mean_std)
         self._train: tuple[Tensor, Tensor] | None = None
         self._test: tuple[Tensor, Tensor] | None = None
 
@@ -129,8 +153,9 @@ class SplitMNIST(_MNISTFamily):
     def __init__(self, num_tasks: int = 5, class_order: list[int] | None = None, shuffle_classes: bool = False,
                  data_dir: str | None = None, download: bool = True, batch_size: int = 128,
                  scenario: str = "task", seed: int = 0, train_samples_per_task: int | None = None,
-                 val_fraction: float = 0.0, eval_batch_size: int = 1000):
-        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, batch_size=batch_size,
+                 val_fraction: float = 0.0, eval_batch_size: int = 1000, pixels: str = "unit"):
+        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, pixels=pixels,
+                         batch_size=batch_size,
                          scenario=scenario, seed=seed, train_samples_per_task=train_samples_per_task,
                          val_fraction=val_fraction, eval_batch_size=eval_batch_size)
         self.class_order = check_class_order(class_order, 10, seed if shuffle_classes else None)
@@ -143,33 +168,34 @@ class SplitMNIST(_MNISTFamily):
     def _task_split(self, task_id: int, split: str) -> TaskData:
         x, y = self._raw(split)
         return split_by_classes(x, y, self.groups[task_id], self.class_order, task_id, self.scenario,
-                                to_unit_range)
+                                self.pixel_scale)
 
 
 class SplitFashionMNIST(SplitMNIST):
     """Split-MNIST's protocol on Fashion-MNIST."""
 
     dataset = "FashionMNIST"
+    mean_std = (0.2860, 0.3530)
     name = "split_fashion_mnist"
 
 
 class _PixelPermutation:
-    def __init__(self, perm: Tensor | None):
-        self.perm = perm
+    def __init__(self, perm: Tensor | None, scale: PixelScale):
+        self.perm, self.scale = perm, scale
 
     def __call__(self, x: Tensor) -> Tensor:
-        x = to_unit_range(x)
+        x = self.scale(x)
         if self.perm is None:
             return x
         return x.flatten(1)[:, self.perm].view_as(x)
 
 
 class _Rotation:
-    def __init__(self, angle: float):
-        self.angle = angle
+    def __init__(self, angle: float, scale: PixelScale):
+        self.angle, self.scale = angle, scale
 
     def __call__(self, x: Tensor) -> Tensor:
-        return rotate(to_unit_range(x), self.angle, interpolation=InterpolationMode.BILINEAR)
+        return self.scale.finish(rotate(to_unit_range(x), self.angle, interpolation=InterpolationMode.BILINEAR))
 
 
 class _TransformedMNIST(_MNISTFamily):
@@ -200,8 +226,9 @@ class PermutedMNIST(_TransformedMNIST):
     def __init__(self, num_tasks: int = 10, first_unpermuted: bool = False, data_dir: str | None = None,
                  download: bool = True, batch_size: int = 128, scenario: str = "domain", seed: int = 0,
                  train_samples_per_task: int | None = None, val_fraction: float = 0.0,
-                 eval_batch_size: int = 1000):
-        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, batch_size=batch_size,
+                 eval_batch_size: int = 1000, pixels: str = "unit"):
+        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, pixels=pixels,
+                         batch_size=batch_size,
                          scenario=scenario, seed=seed, train_samples_per_task=train_samples_per_task,
                          val_fraction=val_fraction, eval_batch_size=eval_batch_size)
         self.first_unpermuted = first_unpermuted
@@ -210,8 +237,8 @@ class PermutedMNIST(_TransformedMNIST):
 
     def _transform(self, task_id: int) -> BatchTransform:
         if task_id == 0 and self.first_unpermuted:
-            return _PixelPermutation(None)
-        return _PixelPermutation(self.permutations[task_id])
+            return _PixelPermutation(None, self.pixel_scale)
+        return _PixelPermutation(self.permutations[task_id], self.pixel_scale)
 
 
 class RotatedMNIST(_TransformedMNIST):
@@ -223,8 +250,9 @@ class RotatedMNIST(_TransformedMNIST):
     def __init__(self, num_tasks: int = 10, angles: Sequence[float] | None = None, max_angle: float = 180.0,
                  data_dir: str | None = None, download: bool = True, batch_size: int = 128,
                  scenario: str = "domain", seed: int = 0, train_samples_per_task: int | None = None,
-                 val_fraction: float = 0.0, eval_batch_size: int = 1000):
-        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, batch_size=batch_size,
+                 val_fraction: float = 0.0, eval_batch_size: int = 1000, pixels: str = "unit"):
+        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, pixels=pixels,
+                         batch_size=batch_size,
                          scenario=scenario, seed=seed, train_samples_per_task=train_samples_per_task,
                          val_fraction=val_fraction, eval_batch_size=eval_batch_size)
         if angles is None:
@@ -234,4 +262,4 @@ class RotatedMNIST(_TransformedMNIST):
         self.angles = [float(a) for a in angles]
 
     def _transform(self, task_id: int) -> BatchTransform:
-        return _Rotation(self.angles[task_id])
+        return _Rotation(self.angles[task_id], self.pixel_scale)
