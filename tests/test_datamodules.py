@@ -133,7 +133,7 @@ def test_standard_pixels_are_standardised_and_rotations_pad_with_black(mnist_roo
         dm.setup()
     xu = unit.split(1, "train").transform(unit.split(1, "train").x)
     xs = std.split(1, "train").transform(std.split(1, "train").x)
-    assert 0.0 <= xu.min() and xu.max() <= 1.0
+    assert xu.min() >= 0.0 and xu.max() <= 1.0
     assert abs(xs.mean().item()) < 0.02 and abs(xs.std().item() - 1.0) < 0.02
     torch.testing.assert_close(xs, (xu - 0.1307) / 0.3081)
     rot = RotatedMNIST(angles=[0.0, 45.0], pixels="standard", **kw)
