@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,7 +58,8 @@ def train_masks(variant: str, dm: PermutedMNIST, args, seed: int) -> SupSup:
         for _ in range(args.steps):
             idx = torch.randint(len(split.y), (args.batch,), generator=g)
             opt.zero_grad()
-            F.cross_entropy(net(split.transform(split.x[idx]).flatten(1), [t]), split.y[idx]).backward()
+            x, y = split.transform(split.x[idx]), split.y[idx]
+            sup.task_loss((x, y, torch.full_like(y, t))).value.backward()  # the module's loss, extra outputs included
             opt.step()
     sup.prepare_task(-1)  # nothing trains from here on
     return sup
