@@ -145,6 +145,14 @@ class TaskCheckpoint(ModelCheckpoint):
                          save_on_train_epoch_end=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loop = trainer.fit_loop
+        if loop.restarted_on_epoch_end:
+            # Restored from this very save in a step-budget fit, Lightning (2.6) ends the saved epoch a second
+            # time and counts it processed twice; samplers then get every later epoch's number one too high, and
+            # the resumed run draws other batches than the uninterrupted one. Undo the count; the file is current.
+            for progress in (loop.epoch_progress.current, loop.epoch_progress.total):
+                progress.processed = progress.completed + 1
+            return
         if not fit_will_end(trainer):
             super().on_train_epoch_end(trainer, pl_module)
 

@@ -124,7 +124,7 @@ class EpochLines(ProgressBar):
         self.enabled = True
         self._began = 0.0
         self._loss_sum: Any = 0.0
-        self._batches = 0
+        self._losses = self._batches = 0
 
     def disable(self) -> None:
         self.enabled = False
@@ -134,22 +134,24 @@ class EpochLines(ProgressBar):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._began = time.perf_counter()
-        self._loss_sum, self._batches = 0.0, 0
+        self._loss_sum, self._losses, self._batches = 0.0, 0, 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        self._batches += 1
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:  # summed on the device: no synchronisation per step
             self._loss_sum = self._loss_sum + loss.detach()
-            self._batches += 1
+            self._losses += 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.enabled:
+        # a fit resumed from an epoch-end checkpoint ends that epoch again without running it: no line for it
+        if not self.enabled or not self._batches:
             return
         epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
         epoch = f"epoch {trainer.current_epoch + 1}" + (f"/{epochs}" if epochs and trainer.max_steps < 0 else "")
         values = [f"{k} {format_number(v)}" for k, v in self.get_metrics(trainer, pl_module).items()
                   if isinstance(v, (int, float)) or hasattr(v, "item")]
-        loss = [f"loss {format_number(self._loss_sum / self._batches)}"] if self._batches else []
+        loss = [f"loss {format_number(self._loss_sum / self._losses)}"] if self._losses else []
         parts = [f"Task {self.task + 1}/{self.num_tasks}", epoch, f"step {trainer.global_step}", *loss, *values,
                  f"{time.perf_counter() - self._began:.1f} s"]
         print("  " + " · ".join(parts), file=self.stream or sys.stdout, flush=True)

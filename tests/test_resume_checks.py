@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -90,10 +91,13 @@ def test_keep_last_leaves_only_the_newest_boundary(mnist_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_and_sigint_leave_a_resumable_run_that_says_how(mnist_root, tmp_path):
+@pytest.mark.parametrize("budget", [["trainer.max_epochs=2"], ["trainer.max_epochs=-1", "trainer.max_steps=6"]],
+                         ids=["epochs", "steps"])
+def test_sigterm_and_sigint_leave_a_resumable_run_that_says_how(budget, mnist_root, tmp_path):
+    # a step budget resumes through another path of Lightning's loop (the saved epoch is ended again)
     common = ["method=ewc", "benchmark=permuted_mnist", "benchmark.num_tasks=2", "benchmark.train_samples_per_task=128",
               "benchmark.batch_size=64", "method.backbone.hidden_sizes=[32]", "method.plugins.EWC.fisher_samples=100",
-              "trainer.max_epochs=2", "logger=none", "trainer.enable_progress_bar=false"]
+              *budget, "logger=none"]  # the bar: one line per epoch, stdout is no terminal
     env = {**os.environ, "CL_DATA_DIR": str(mnist_root), "PYTHONWARNINGS": "ignore"}
     env.pop("CL_LIGHTNING_RUN_DIR", None)
 
@@ -113,6 +117,10 @@ def test_sigterm_and_sigint_leave_a_resumable_run_that_says_how(mnist_root, tmp_
     assert "Stopped by SIGTERM after 1 of 2 tasks" in second.stderr
     third = train(f"resume={run_dir}")
     assert third.returncode == 0, third.stderr[-2000:]
+    # one line per epoch trained after the resume (the epoch ended again on restore has none), each timing its epoch
+    lines = re.findall(r"^  Task 2/2 · epoch ([0-9]+)\S* · .* · ([0-9.]+) s$", third.stdout, re.M)
+    assert [epoch for epoch, _ in lines] == (["2"] if "trainer.max_epochs=2" in budget else ["2", "3"]), third.stdout
+    assert max(float(seconds) for _, seconds in lines) < 300, third.stdout
     got = json.loads((run_dir / "metrics.json").read_text())
     expected = json.loads((tmp_path / "ref/metrics.json").read_text())
     np.testing.assert_allclose(got["R"], expected["R"], rtol=0, atol=1e-6)

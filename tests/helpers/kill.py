@@ -1,7 +1,8 @@
 """A test-only plugin that SIGKILLs its own ``train.py`` process at named points of a run, once each.
 
 Points: ``baseline`` (the untrained model's evaluation), ``mid_epoch@T`` (a step in the last epoch of
-task T, after an epoch-end checkpoint), ``train_end@T`` (after the plugins' end-of-task work, before the
+task T, after an epoch-end checkpoint; with a step budget, in its second epoch), ``train_end@T`` (after the
+plugins' end-of-task work, before the
 row of R is evaluated and the boundary checkpoint written), ``row_eval@T`` (evaluating the row after task
 T), ``checkpoint@T`` (while the boundary checkpoint of task T is being dumped) and ``finish`` (after the last
 boundary checkpoint, before the run's files are written). A point may name the signal to send instead of
@@ -52,7 +53,8 @@ class KillAt(ContinualCallback):
             self._kill(f"row_eval@{self.task_finished}")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.current_epoch == trainer.max_epochs - 1 and batch_idx == 1:
+        last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else 1  # step budget: 2nd
+        if trainer.current_epoch == last and batch_idx == 1:
             self._kill(f"mid_epoch@{pl_module.current_task}")
 
     def on_task_end(self, trainer, module, task_id) -> None:
