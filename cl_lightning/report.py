@@ -132,7 +132,8 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         flat = [{k.replace(".init_args", ""): v for k, v in flatten(r.config) if k and not _ignored(k)}
                 for r in members]
         keys = sorted({k for f in flat for k in f})
-        varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
+        # a key only some configs have (runs begun before the option existed) splits nothing while those agree
+        varying = [k for k in keys if len({json.dumps(f[k], sort_keys=True, default=str) for f in flat if k in f}) > 1]
         for run, values in zip(members, flat, strict=True):
             setting = ", ".join(f"{k}={json.dumps(values.get(k), default=str)}" for k in varying)
             key = (*cell, setting)

@@ -77,6 +77,28 @@ def test_mean_and_std_over_seeds_by_hand(tmp_path, capsys):
     assert (tmp_path / "out/report.png").read_bytes()[:8] == PNG
 
 
+def test_a_key_older_runs_lack_splits_no_seeds(tmp_path):
+    """A sweep resumed after an upgrade has runs whose configs predate an option: they stay with the runs that
+    record its value, unless those disagree among themselves."""
+    for seed in (0, 1, 2):
+        write_run(tmp_path / f"ewc_{seed}", "ewc", seed, [[1.0, 0.5], [0.9, 1.0]])
+    for seed, pixels in ((1, "unit"), (2, "unit")):
+        path = tmp_path / f"ewc_{seed}" / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        config["method"]["init_args"]["pixels"] = pixels
+        path.write_text(yaml.safe_dump(config))
+    groups = group_runs(find_runs([tmp_path]))
+    assert [(g.setting, g.seeds) for g in groups] == [("", [0, 1, 2])]
+
+    write_run(tmp_path / "ewc_3", "ewc", 3, [[1.0, 0.5], [0.9, 1.0]])
+    config = yaml.safe_load((tmp_path / "ewc_3/config.yaml").read_text())
+    config["method"]["init_args"]["pixels"] = "standard"
+    (tmp_path / "ewc_3/config.yaml").write_text(yaml.safe_dump(config))
+    groups = group_runs(find_runs([tmp_path]))
+    assert [(g.setting, g.seeds) for g in groups] == [
+        ("method.pixels=\"standard\"", [3]), ("method.pixels=\"unit\"", [1, 2]), ("method.pixels=null", [0])]
+
+
 def test_report_errors_name_the_folder(tmp_path, capsys):
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert "missing: no such folder" in capsys.readouterr().err

@@ -1,13 +1,13 @@
 """A test-only plugin that SIGKILLs its own ``train.py`` process at named points of a run, once each.
 
 Points: ``baseline`` (the untrained model's evaluation), ``mid_epoch@T`` (a step in the last epoch of
-task T, after an epoch-end checkpoint; with a step budget, in its second epoch), ``train_end@T`` (after the
-plugins' end-of-task work, before the
-row of R is evaluated and the boundary checkpoint written), ``row_eval@T`` (evaluating the row after task
-T), ``checkpoint@T`` (while the boundary checkpoint of task T is being dumped) and ``finish`` (after the last
-boundary checkpoint, before the run's files are written). A point may name the signal to send instead of
-SIGKILL: ``mid_epoch@1:SIGTERM``. Put it last in the method's plugins so the other plugins' hooks of the same
-event run before it. A file per point in ``marker_dir`` makes each fire once.
+task T, after an epoch-end checkpoint; with a step budget, in its second epoch), ``train_end@T`` (after
+the plugins' end-of-task work, before the row of R is evaluated and the boundary checkpoint written),
+``row_eval@T`` (evaluating the row after task T), ``checkpoint@T`` (while the boundary checkpoint of task T
+is being dumped) and ``finish`` (after the last boundary checkpoint, before the run's files are written).
+A point may name the signal to send instead of SIGKILL: ``mid_epoch@1:SIGTERM``. Put it last in the
+method's plugins so the other plugins' hooks of the same event run before it. A file per point in
+``marker_dir`` makes each fire once.
 """
 
 from __future__ import annotations
