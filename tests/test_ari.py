@@ -198,6 +198,25 @@ def test_random_selection_is_a_different_run(tmp_path):
     assert picks(estimator) != picks(random)
 
 
+def test_observed_pairs_teach_q_which_stored_set_solves_which_task(tmp_path):
+    """Eq. 7 (``pair_observed``): q also sees every (stored set, observed task) pair, so the set it picks for a
+    task is the KB's best on that task; without the pairs q only knows how fast starting points adapt. With
+    ``finetune_steps=0`` the pick alone is evaluated (the paper's Fig. 2 protocol)."""
+    paired = small_learner(finetune_steps=0, consolidation={"pair_observed": True})
+    plain = small_learner(finetune_steps=0)
+    with_pairs = run_tasks(paired, blobs(), tmp_path / "paired")
+    without = run_tasks(plain, blobs(), tmp_path / "plain")
+    kb = paired.kb_sets()
+    errors = paired.memory_errors(kb, [0, 1, 2])
+    picks = paired.best_set_per_task(kb, [0, 1, 2], salt=19)
+    assert all(errors[t, picks[t]] <= errors[t].min() + 0.02 for t in range(3)), (picks, errors)
+    assert with_pairs["ACC"] > without["ACC"] + 0.15, (with_pairs["R"], without["R"])
+    assert min(np.diag(with_pairs["R"])) > 0.8, with_pairs["R"]  # learnt, not a better BWT by learning nothing
+    ari, param_sigs, task_sigs = paired.plugins[0].pairs
+    assert len(ari) == len(param_sigs) == len(task_sigs) > 0 and len(ari) % 3 == 0  # every set on all 3 tasks
+    assert len(plain.plugins[0].pairs[0]) == 0
+
+
 def test_resume_after_a_crash_gives_the_same_matrix(tmp_path):
     full = run_tasks(small_learner(), blobs(), tmp_path / "full")
     crash = CrashAt(task=2, step=3, marker=str(tmp_path / "marker"), hard=False)

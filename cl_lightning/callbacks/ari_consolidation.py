@@ -5,6 +5,10 @@
    signature). With ``record_trained`` (ours, off by default) the trained candidates are added too,
    paired with the task they were trained on, with the ARI of a trajectory that stays at their final
    error (the mean error of the last ``trained_tail`` fraction of steps).
+   With ``pair_observed`` (Eq. 7 read literally: q is fitted "for all theta_j in Theta_M, tau_i in
+   tau_[1:t]") every set of the KB and every trained candidate is also paired with every observed task,
+   with the ARI of a trajectory that stays at its error on that task's exemplar memory. These pairs
+   describe the current sets, so they replace the previous task end's pairs instead of piling up.
 2. ``q`` is fitted on S (MSE, warm-started).
 3. The learner ranks the KB sets and the trained candidates and keeps the ``kb_capacity`` sets with the
    highest predicted ARI summed over all observed tasks (random under ``selection=random``), then trains
@@ -47,6 +51,12 @@ class ARIHost(Protocol):
     def exploration_errors(self) -> Tensor:
         """``[steps, Q]`` error of every candidate at every step of the task, over all ranks."""
 
+    def kb_sets(self) -> Tensor:
+        """The knowledge base's parameter sets."""
+
+    def memory_errors(self, sets: Tensor, tasks: list[int]) -> Tensor:
+        """``[tasks, sets]`` error rate of every set on every task's exemplar memory."""
+
     def param_signatures(self, sets: Tensor) -> Tensor:
         """Padded signatures of parameter sets."""
 
@@ -75,11 +85,15 @@ class ARIConsolidation(ContinualCallback):
         record_trained: also add (trained set, its own task) tuples to S (ours, off by default: on
             Split-MNIST it taught q to prefer trained sets on *new* tasks too; see benchmarks/ari.md).
         trained_tail: fraction of the last steps whose mean error is a trained set's error.
+        pair_observed: also fit q on every (KB set or trained candidate, observed task) pair, labelled by the
+            set's error on the task's exemplar memory (the paper's Eq. 7; off by default, the behaviour
+            measured before it existed). Without it q never sees which stored set solves which task, and
+            on Permuted-MNIST picks one set for every task (benchmarks/ari.md).
     """
 
     def __init__(self, estimator_steps: int = 500, estimator_lr: float = 1e-3, estimator_weight_decay: float = 0.0,
                  kb_steps: int = 2000, kb_lr: float = 1e-3, tolerance: float = 1e-2, relative_tolerance: bool = True,
-                 record_trained: bool = False, trained_tail: float = 0.1):
+                 record_trained: bool = False, trained_tail: float = 0.1, pair_observed: bool = False):
         super().__init__()
         if estimator_steps < 0 or kb_steps < 0:
             raise ValueError(f"estimator_steps={estimator_steps} and kb_steps={kb_steps} must not be negative")
@@ -94,10 +108,13 @@ class ARIConsolidation(ContinualCallback):
         self.kb_steps, self.kb_lr, self.tolerance = kb_steps, kb_lr, tolerance
         self.relative_tolerance = relative_tolerance
         self.record_trained, self.trained_tail = record_trained, trained_tail
+        self.pair_observed = pair_observed
         #: The buffer S: observed ARIs with the padded parameter and task signatures.
         self.ari = torch.zeros(0)
         self.param_sigs = torch.zeros(0, 0)
         self.task_sigs = torch.zeros(0, 0)
+        #: With ``pair_observed``: (ARI, parameter signature, task signature) of the current sets on every task.
+        self.pairs = (torch.zeros(0), torch.zeros(0, 0), torch.zeros(0, 0))
         #: Per task: what consolidation did (candidate ARIs, estimator fit, KB reproduction error).
         self.history: list[dict[str, Any]] = []
 
@@ -128,8 +145,13 @@ class ARIConsolidation(ContinualCallback):
             flat = final.unsqueeze(1).expand(-1, len(errors))
             self.add(torch.as_tensor(adaptation_rate_integral(flat), dtype=torch.float).reshape(-1),
                      host.param_signatures(host.candidates.detach()), host.task_sigs[task_id])
-        record["estimator_mse"] = host.estimator.fit(self.ari.to(dev), self.param_sigs.to(dev),
-                                                       self.task_sigs.to(dev), self.estimator_steps, self.estimator_lr,
+        ari, param_sigs, task_sigs = self.ari, self.param_sigs, self.task_sigs
+        if self.pair_observed:
+            self.pairs = self.observed_pairs(host, task_id, len(errors))
+            ari = torch.cat([ari, self.pairs[0]])
+            param_sigs, task_sigs = torch.cat([param_sigs, self.pairs[1]]), torch.cat([task_sigs, self.pairs[2]])
+        record["estimator_mse"] = host.estimator.fit(ari.to(dev), param_sigs.to(dev), task_sigs.to(dev),
+                                                       self.estimator_steps, self.estimator_lr,
                                                        self.estimator_weight_decay)
         host.estimator_fitted.fill_(True)
         record.update(host.consolidate_knowledge_base(task_id, self.kb_steps, self.kb_lr, self.tolerance,
@@ -139,16 +161,29 @@ class ARIConsolidation(ContinualCallback):
         host.end_exploration(task_id)
         self.history.append(record)
 
+    @staticmethod
+    def observed_pairs(host: ARIHost, task: int, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Every KB set and trained candidate on every task so far: the ARI of staying at its memory error."""
+        sets = torch.cat([host.kb_sets().detach(), host.candidates.detach()])
+        tasks = list(range(task + 1))
+        errors = host.memory_errors(sets, tasks).cpu()  # [T, S]
+        flat = errors.reshape(-1, 1).expand(-1, steps)
+        ari = torch.as_tensor(adaptation_rate_integral(flat), dtype=torch.float).reshape(-1)
+        param_sigs = host.param_signatures(sets).cpu().repeat(len(tasks), 1)
+        task_sigs = host.task_sigs[tasks].cpu().repeat_interleave(len(sets), 0)
+        return ari, param_sigs, task_sigs
+
     # ------------------------------------------------------------------ state
     def plugin_state(self) -> dict[str, Any]:
         return {"ari": self.ari, "param_sigs": self.param_sigs, "task_sigs": self.task_sigs,
-                "history": self.history}
+                "pairs": list(self.pairs), "history": self.history}
 
     def load_plugin_state(self, state: dict[str, Any]) -> None:
         self.ari = state.get("ari", torch.zeros(0))
         self.param_sigs = state.get("param_sigs", torch.zeros(0, 0))
         self.task_sigs = state.get("task_sigs", torch.zeros(0, 0))
+        self.pairs = tuple(state.get("pairs", (torch.zeros(0), torch.zeros(0, 0), torch.zeros(0, 0))))  # type: ignore[assignment]
         self.history = list(state.get("history", []))
 
     def stored_numel(self) -> int:
-        return self.ari.numel() + self.param_sigs.numel() + self.task_sigs.numel()
+        return sum(t.numel() for t in (self.ari, self.param_sigs, self.task_sigs, *self.pairs))

@@ -232,6 +232,17 @@ class ARILearner(ContinualModule):
         self.task_sigs[task] = pad_signature(sig.unsqueeze(0), self.estimator.signature_width)[0]
 
     @torch.no_grad()
+    def memory_errors(self, sets: Tensor, tasks: Sequence[int]) -> Tensor:
+        """``[len(tasks), len(sets)]`` error rate of every set, untrained, on every task's exemplar memory."""
+        assert self.target is not None
+        rows = []
+        for t in tasks:
+            n = int(self.memory_size[t])
+            x, y = self.memory_x[t, :n].to(sets.device), self.memory_y[t, :n].to(sets.device)
+            rows.append((self.target.batched(sets, x).argmax(-1) != y).float().mean(1))
+        return torch.stack(rows)
+
+    @torch.no_grad()
     def param_signatures(self, sets: Tensor) -> Tensor:
         """``[B, P]`` parameter sets -> padded signatures ``[B, width]`` (outputs on the noise inputs)."""
         assert self.target is not None

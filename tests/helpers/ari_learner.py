@@ -14,13 +14,16 @@ def blobs(num_tasks: int = 3, **kw) -> PermutedBlobs:
                          batch_size=16, **kw)
 
 
-def small_learner(extra_plugins=(), selection: str = "estimator", kb_steps: int = 3000, **kw) -> ARILearner:
+def small_learner(extra_plugins=(), selection: str = "estimator", kb_steps: int = 3000, consolidation=None,
+                  **kw) -> ARILearner:
+    kw = {"finetune_steps": 30, **kw}
     return ARILearner(
         base=MLP(hidden_sizes=(16,)),
         knowledge_base=ChunkedHyperNetwork(hidden_sizes=(32,), embedding_dim=8, chunk_size=64, chunk_embedding_dim=8),
         estimator=ARIEstimator(signature_width=256, projection=16, hidden_sizes=(32, 32)),
         feature_extractor=RandomFeatures(features=16), num_init_sets=3, max_candidates=4, kb_capacity=6,
-        selection=selection, noise_inputs=8, samples_per_class=4, memory_per_task=64, finetune_steps=30,
+        selection=selection, noise_inputs=8, samples_per_class=4, memory_per_task=64,
         finetune_batch_size=16, lr=0.01,
-        plugins=[ARIConsolidation(estimator_steps=200, kb_steps=kb_steps, kb_lr=3e-3, tolerance=1e-2), *extra_plugins],
+        plugins=[ARIConsolidation(estimator_steps=200, kb_steps=kb_steps, kb_lr=3e-3, tolerance=1e-2,
+                                  **(consolidation or {})), *extra_plugins],
         **kw)
