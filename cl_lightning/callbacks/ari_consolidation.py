@@ -182,7 +182,7 @@ class ARIConsolidation(ContinualCallback):
         self.ari = state.get("ari", torch.zeros(0))
         self.param_sigs = state.get("param_sigs", torch.zeros(0, 0))
         self.task_sigs = state.get("task_sigs", torch.zeros(0, 0))
-        self.pairs = tuple(state.get("pairs", (torch.zeros(0), torch.zeros(0, 0), torch.zeros(0, 0))))  # type: ignore[assignment]
+        self.pairs = tuple(state.get("pairs", (torch.zeros(0), torch.zeros(0, 0), torch.zeros(0, 0))))
         self.history = list(state.get("history", []))
 
     def stored_numel(self) -> int:
