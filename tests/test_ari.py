@@ -217,6 +217,22 @@ def test_observed_pairs_teach_q_which_stored_set_solves_which_task(tmp_path):
     assert len(plain.plugins[0].pairs[0]) == 0
 
 
+def test_covering_keeps_each_tasks_best_set_where_the_summed_rule_drops_it():
+    """``cover_tasks``: the summed rule keeps the two sets good on task 0 and none of task 1's; covering keeps
+    task 1's best set first, then fills by the sum."""
+    learner = small_learner()
+    learner.kb_capacity = 2
+    predicted = torch.tensor([[0.9, 0.8, 0.1, 0.1],
+                              [0.1, 0.1, 0.3, 0.2]])
+    learner.predicted_ari = lambda sets, tasks: predicted[list(tasks)]
+    learner.estimator_fitted.fill_(True)
+    sets = torch.zeros(4, 3)
+    assert sorted(learner.rank_sets(sets, [0, 1], 2, salt=29).tolist()) == [0, 1]
+    assert sorted(learner.covering_sets(sets, [0, 1]).tolist()) == [0, 2]
+    learner.kb_capacity = 3  # the place left goes by the sum (1.0, 0.9, 0.4, 0.3)
+    assert sorted(learner.covering_sets(sets, [0, 1]).tolist()) == [0, 1, 2]
+
+
 def test_resume_after_a_crash_gives_the_same_matrix(tmp_path):
     full = run_tasks(small_learner(), blobs(), tmp_path / "full")
     crash = CrashAt(task=2, step=3, marker=str(tmp_path / "marker"), hard=False)

@@ -61,7 +61,7 @@ class ARIHost(Protocol):
         """Padded signatures of parameter sets."""
 
     def consolidate_knowledge_base(self, task: int, steps: int, lr: float, tolerance: float,
-                                   relative_tolerance: bool) -> dict[str, Any]:
+                                   relative_tolerance: bool, cover_tasks: bool = False) -> dict[str, Any]:
         """Keeps the best sets and trains the knowledge base to reproduce them; returns what it did."""
 
     def broadcast_consolidation(self, strategy: Strategy) -> None:
@@ -89,11 +89,14 @@ class ARIConsolidation(ContinualCallback):
             set's error on the task's exemplar memory (the paper's Eq. 7; off by default, the behaviour
             measured before it existed). Without it q never sees which stored set solves which task, and
             on Permuted-MNIST picks one set for every task (benchmarks/ari.md).
+        cover_tasks: keep each observed task's highest-predicted set before filling the knowledge base by the
+            summed rule (ours, off by default; see ``ARILearner.covering_sets``).
     """
 
     def __init__(self, estimator_steps: int = 500, estimator_lr: float = 1e-3, estimator_weight_decay: float = 0.0,
                  kb_steps: int = 2000, kb_lr: float = 1e-3, tolerance: float = 1e-2, relative_tolerance: bool = True,
-                 record_trained: bool = False, trained_tail: float = 0.1, pair_observed: bool = False):
+                 record_trained: bool = False, trained_tail: float = 0.1, pair_observed: bool = False,
+                 cover_tasks: bool = False):
         super().__init__()
         if estimator_steps < 0 or kb_steps < 0:
             raise ValueError(f"estimator_steps={estimator_steps} and kb_steps={kb_steps} must not be negative")
@@ -108,7 +111,7 @@ class ARIConsolidation(ContinualCallback):
         self.kb_steps, self.kb_lr, self.tolerance = kb_steps, kb_lr, tolerance
         self.relative_tolerance = relative_tolerance
         self.record_trained, self.trained_tail = record_trained, trained_tail
-        self.pair_observed = pair_observed
+        self.pair_observed, self.cover_tasks = pair_observed, cover_tasks
         #: The buffer S: observed ARIs with the padded parameter and task signatures.
         self.ari = torch.zeros(0)
         self.param_sigs = torch.zeros(0, 0)
@@ -155,7 +158,7 @@ class ARIConsolidation(ContinualCallback):
                                                        self.estimator_weight_decay)
         host.estimator_fitted.fill_(True)
         record.update(host.consolidate_knowledge_base(task_id, self.kb_steps, self.kb_lr, self.tolerance,
-                                                        self.relative_tolerance))
+                                                        self.relative_tolerance, self.cover_tasks))
         if trainer.world_size > 1:
             host.broadcast_consolidation(trainer.strategy)
         host.end_exploration(task_id)

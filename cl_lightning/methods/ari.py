@@ -328,19 +328,38 @@ class ARILearner(ContinualModule):
     # ------------------------------------------------------------------ consolidation of the knowledge base
     @torch.no_grad()
     def consolidate_knowledge_base(self, task: int, steps: int, lr: float, tolerance: float,
-                                   relative_tolerance: bool) -> dict[str, Any]:
+                                   relative_tolerance: bool, cover_tasks: bool = False) -> dict[str, Any]:
         """From the KB sets and the trained candidates, keeps the ``kb_capacity`` sets with the highest
         predicted ARI summed over the tasks so far (their embeddings kept; new sets get fresh ones) and trains
-        ``F`` to reproduce them (:meth:`reproduce`). Returns what was kept and how well it is reproduced."""
+        ``F`` to reproduce them (:meth:`reproduce`). Returns what was kept and how well it is reproduced.
+        With ``cover_tasks`` (ours) each task's own best set is kept first (:meth:`covering_sets`)."""
         kb = self.kb_sets().detach()
         trained = self.candidates.detach().clone()
         pool = torch.cat([kb, trained])
         embeddings = torch.cat([self.kb_embeddings[: len(kb)], self.new_embeddings(len(trained), task)])
-        keep = self.rank_sets(pool, list(range(task + 1)), self.kb_capacity, salt=29).sort().values
+        tasks = list(range(task + 1))
+        if cover_tasks and self.use_estimator():
+            keep = self.covering_sets(pool, tasks).sort().values
+        else:
+            keep = self.rank_sets(pool, tasks, self.kb_capacity, salt=29).sort().values
         record: dict[str, Any] = {"kept": [("kb", i) if i < len(kb) else ("new", i - len(kb)) for i in keep.tolist()]}
         record.update(self.reproduce(pool[keep.to(pool.device)], embeddings[keep.to(embeddings.device)], steps, lr,
                                      tolerance, relative_tolerance))
         return record
+
+    def covering_sets(self, sets: Tensor, tasks: Sequence[int]) -> Tensor:
+        """``kb_capacity`` sets: first each task's highest-predicted set (distinct; the newest tasks first when
+        there are more tasks than places), then the rest by predicted ARI summed over ``tasks``. The summed
+        rule alone can drop every set of a task whose sets score low elsewhere, which leaves that task
+        served by another task's set."""
+        predicted = self.predicted_ari(sets, tasks)  # [T, S]
+        chosen: list[int] = []
+        for row in predicted.flip(0):
+            best = next((i for i in row.argsort(descending=True).tolist() if i not in chosen), None)
+            if best is not None and len(chosen) < self.kb_capacity:
+                chosen.append(best)
+        rest = [i for i in predicted.sum(0).argsort(descending=True).tolist() if i not in chosen]
+        return torch.tensor(chosen + rest[: max(0, min(self.kb_capacity, len(sets)) - len(chosen))])
 
     def reproduce(self, sets: Tensor, embeddings: Tensor, steps: int, lr: float, tolerance: float,
                   relative_tolerance: bool) -> dict[str, Any]:
