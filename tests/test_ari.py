@@ -225,7 +225,7 @@ def test_covering_keeps_each_tasks_best_set_where_the_summed_rule_drops_it():
     predicted = torch.tensor([[0.9, 0.8, 0.1, 0.1],
                               [0.1, 0.1, 0.3, 0.2]])
     learner.predicted_ari = lambda sets, tasks: predicted[list(tasks)]
-    learner.estimator_fitted.fill_(True)
+    learner.use_estimator = lambda: True
     sets = torch.zeros(4, 3)
     assert sorted(learner.rank_sets(sets, [0, 1], 2, salt=29).tolist()) == [0, 1]
     assert sorted(learner.covering_sets(sets, [0, 1]).tolist()) == [0, 2]
