@@ -163,6 +163,28 @@ def test_knowledge_base_regenerates_the_consolidated_sets_within_tolerance():
     assert record["kb_relative_mse"] == pytest.approx(float(relative), rel=1e-4)
 
 
+def test_a_new_set_among_reproduced_ones_is_reproduced_too():
+    """The tolerance bounds every set, not the mean: with five sets already reproduced, a bound on the mean is
+    met while the new one is still several times the tolerance off."""
+    dm = blobs()
+    learner = small_learner()
+    learner.setup_tasks(dm.info)
+    plugin = learner.plugins[0]
+    g = torch.Generator().manual_seed(0)
+    old = learner.init_sets[torch.tensor([0, 1, 2, 0, 1])] + 0.05 * torch.randn(5, learner.target.num_params,
+                                                                                  generator=g)
+    learner.reproduce(old, learner.new_embeddings(5, 0), plugin.kb_steps, plugin.kb_lr, plugin.tolerance, True)
+    new = learner.init_sets[2:3] + 0.5 * torch.randn(1, learner.target.num_params, generator=g)
+    sets = torch.cat([old, new])
+    embeddings = torch.cat([learner.kb_embeddings[:5], learner.new_embeddings(1, 1)])
+    before = (learner.knowledge_base(embeddings) - sets).pow(2).mean(1) / sets.pow(2).mean(1)
+    assert before[:5].max() <= plugin.tolerance < before[5]
+    record = learner.reproduce(sets, embeddings, plugin.kb_steps, plugin.kb_lr, plugin.tolerance, True)
+    after = (learner.kb_sets() - sets).pow(2).mean(1) / sets.pow(2).mean(1)
+    assert after.max() <= plugin.tolerance and record["kb_steps"] > 0, (after, record)
+    assert record["kb_worst_set_error"] == pytest.approx(float(after.max()), rel=1e-4)
+
+
 # ---------------------------------------------------------------------------- the whole loop
 def test_ari_learner_keeps_old_tasks_where_fine_tuning_forgets(tmp_path):
     ari = run_tasks(small_learner(), blobs(), tmp_path / "ari")

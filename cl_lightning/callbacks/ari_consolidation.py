@@ -12,8 +12,8 @@
 2. ``q`` is fitted on S (MSE, warm-started).
 3. The learner ranks the KB sets and the trained candidates and keeps the ``kb_capacity`` sets with the
    highest predicted ARI summed over all observed tasks (random under ``selection=random``), then trains
-   ``F`` and the kept sets' embeddings to reproduce them (Adam on the MSE over all weights, until it is
-   at most ``tolerance``, relative to the weights' mean square by default, or after ``kb_steps`` steps):
+   ``F`` and the kept sets' embeddings to reproduce them (Adam on the MSE over all weights, until every
+   set's error is at most ``tolerance``, relative to its mean square by default, or after ``kb_steps`` steps):
    :meth:`~cl_lightning.methods.ari.ARILearner.consolidate_knowledge_base`, with this plugin's settings.
 
 Under DDP every rank computes the same thing from the same (reduced) errors; the result is then
@@ -77,7 +77,8 @@ class ARIConsolidation(ContinualCallback):
             (AdamW; decoupled weight decay, ours, off by default, keeps q's weights from memorising a small
             buffer).
         kb_steps, kb_lr: at most this many Adam steps to train ``F`` and the embeddings.
-        tolerance: stop when the reproduction error of the kept sets is at most this.
+        tolerance: stop when the reproduction error of every kept set is at most this (a bound on the mean
+            let a new set among many reproduced ones pass far off).
         relative_tolerance: measure that error as MSE / mean square of the kept weights (default), not the
             raw MSE the paper bounds by 1e-3: default-initialised MNIST weights have a mean square below
             1e-3, so a raw bound of 1e-3 is met by a knowledge base that reproduces nothing (measured:

@@ -363,21 +363,24 @@ class ARILearner(ContinualModule):
 
     def reproduce(self, sets: Tensor, embeddings: Tensor, steps: int, lr: float, tolerance: float,
                   relative_tolerance: bool) -> dict[str, Any]:
-        """Trains ``F`` and the embeddings (Adam, at most ``steps``) until ``F(embeddings)`` matches ``sets``
-        within ``tolerance`` (of the MSE, relative to the sets' mean square when ``relative_tolerance``)."""
+        """Trains ``F`` and the embeddings (Adam on the MSE, at most ``steps``) until every set's reproduction
+        error is within ``tolerance`` (its MSE, relative to its own mean square when ``relative_tolerance``).
+        Bounded per set, not on average: one new set among many reproduced ones would otherwise pass badly
+        reproduced (measured on Permuted-MNIST: a kept set at 82 % error, its task at chance)."""
         hnet = self.knowledge_base
         emb = embeddings.clone().requires_grad_(True)
         params = list(hnet.parameters())
-        taken, mse = 0, float("inf")
-        scale = float(sets.pow(2).mean().clamp_min(1e-12)) if relative_tolerance else 1.0
+        taken, mse, worst = 0, float("inf"), float("inf")
+        scale = sets.pow(2).mean(1).clamp_min(1e-12) if relative_tolerance else sets.new_ones(len(sets))
         with torch.enable_grad():
             for p in params:
                 p.requires_grad_(True)
             opt = torch.optim.Adam([*params, emb], lr=lr)
             while True:
-                loss = F.mse_loss(hnet(emb), sets)
-                mse = float(loss.detach())
-                if mse / scale <= tolerance or taken >= steps:
+                per_set = (hnet(emb) - sets).pow(2).mean(1)
+                loss = per_set.mean()
+                mse, worst = float(loss.detach()), float((per_set.detach() / scale).max())
+                if worst <= tolerance or taken >= steps:
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -389,7 +392,8 @@ class ARILearner(ContinualModule):
             self.kb_embeddings[: len(sets)] = emb.detach()
             self.kb_count.fill_(len(sets))
             relative = float(F.mse_loss(hnet(emb), sets) / sets.pow(2).mean().clamp_min(1e-12))
-        return {"kb_mse": mse, "kb_relative_mse": relative, "kb_steps": taken, "kb_size": len(sets)}
+        return {"kb_mse": mse, "kb_relative_mse": relative, "kb_worst_set_error": worst, "kb_steps": taken,
+                "kb_size": len(sets)}
 
     def broadcast_consolidation(self, strategy: Strategy) -> None:
         """Rank 0's KB and estimator on every rank (they are computed identically; this makes it exact)."""
