@@ -117,7 +117,8 @@ class ARIConsolidation(ContinualCallback):
         self.ari = torch.zeros(0)
         self.param_sigs = torch.zeros(0, 0)
         self.task_sigs = torch.zeros(0, 0)
-        #: With ``pair_observed``: (ARI, parameter signature, task signature) of the current sets on every task.
+        #: With ``pair_observed``: (ARI, parameter signature, task signature) of the current sets on every task,
+        #: recomputed at every task end before q is fitted (so neither checkpointed nor counted as storage).
         self.pairs = (torch.zeros(0), torch.zeros(0, 0), torch.zeros(0, 0))
         #: Per task: what consolidation did (candidate ARIs, estimator fit, KB reproduction error).
         self.history: list[dict[str, Any]] = []
@@ -180,14 +181,13 @@ class ARIConsolidation(ContinualCallback):
     # ------------------------------------------------------------------ state
     def plugin_state(self) -> dict[str, Any]:
         return {"ari": self.ari, "param_sigs": self.param_sigs, "task_sigs": self.task_sigs,
-                "pairs": list(self.pairs), "history": self.history}
+                "history": self.history}
 
     def load_plugin_state(self, state: dict[str, Any]) -> None:
         self.ari = state.get("ari", torch.zeros(0))
         self.param_sigs = state.get("param_sigs", torch.zeros(0, 0))
         self.task_sigs = state.get("task_sigs", torch.zeros(0, 0))
-        self.pairs = tuple(state.get("pairs", (torch.zeros(0), torch.zeros(0, 0), torch.zeros(0, 0))))
         self.history = list(state.get("history", []))
 
     def stored_numel(self) -> int:
-        return sum(t.numel() for t in (self.ari, self.param_sigs, self.task_sigs, *self.pairs))
+        return self.ari.numel() + self.param_sigs.numel() + self.task_sigs.numel()
