@@ -151,7 +151,7 @@ class TaskCheckpoint(ModelCheckpoint):
             # time and counts it processed twice; samplers then get every later epoch's number one too high, and
             # the resumed run draws other batches than the uninterrupted one. Undo the count; the file is current.
             for progress in (loop.epoch_progress.current, loop.epoch_progress.total):
-                progress.processed = progress.completed + 1
+                progress.processed = progress.completed + 1  # type: ignore[attr-defined]  # a _ProcessedTracker
             return
         if not fit_will_end(trainer):
             super().on_train_epoch_end(trainer, pl_module)
