@@ -145,14 +145,18 @@ def test_estimator_predicts_held_out_aris_and_beats_random_selection():
 
 
 # ---------------------------------------------------------------------------- the knowledge base
-def test_knowledge_base_regenerates_the_consolidated_sets_within_tolerance():
-    dm = blobs()
+def learner_and_five_sets():
+    """A built small learner, its consolidation plugin, five sets near its initial ones, and the generator."""
     learner = small_learner()
-    learner.setup_tasks(dm.info)
-    plugin = learner.plugins[0]
+    learner.setup_tasks(blobs().info)
     g = torch.Generator().manual_seed(0)
     sets = learner.init_sets[torch.tensor([0, 1, 2, 0, 1])] + 0.05 * torch.randn(5, learner.target.num_params,
                                                                                    generator=g)
+    return learner, learner.plugins[0], sets, g
+
+
+def test_knowledge_base_regenerates_the_consolidated_sets_within_tolerance():
+    learner, plugin, sets, _ = learner_and_five_sets()
     record = learner.reproduce(sets, learner.new_embeddings(5, 0), plugin.kb_steps, plugin.kb_lr, plugin.tolerance,
                                plugin.relative_tolerance)
     assert record["kb_steps"] < plugin.kb_steps  # stopped because it met the tolerance
@@ -166,13 +170,7 @@ def test_knowledge_base_regenerates_the_consolidated_sets_within_tolerance():
 def test_a_new_set_among_reproduced_ones_is_reproduced_too():
     """The tolerance bounds every set, not the mean: with five sets already reproduced, a bound on the mean is
     met while the new one is still several times the tolerance off."""
-    dm = blobs()
-    learner = small_learner()
-    learner.setup_tasks(dm.info)
-    plugin = learner.plugins[0]
-    g = torch.Generator().manual_seed(0)
-    old = learner.init_sets[torch.tensor([0, 1, 2, 0, 1])] + 0.05 * torch.randn(5, learner.target.num_params,
-                                                                                  generator=g)
+    learner, plugin, old, g = learner_and_five_sets()
     learner.reproduce(old, learner.new_embeddings(5, 0), plugin.kb_steps, plugin.kb_lr, plugin.tolerance, True)
     new = learner.init_sets[2:3] + 0.5 * torch.randn(1, learner.target.num_params, generator=g)
     sets = torch.cat([old, new])
