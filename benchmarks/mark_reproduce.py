@@ -5,6 +5,9 @@ report's Split CIFAR-100 figures; and the vectorised against the sequential meta
     python benchmarks/mark_reproduce.py split_mnist                 # every run below, seed 0
     python benchmarks/mark_reproduce.py split_fashion_mnist --runs mark kb_frozen baseline1
     python benchmarks/mark_reproduce.py permuted_mnist --seeds 0 1 2
+    python benchmarks/mark_reproduce.py permuted_mnist --runs mark --override benchmark.train_samples_per_task=5000 \
+        benchmark.pixels=standard method.lr=0.01 method.kb_channels=[32,64,128] method.feature_epochs=10 \
+        method.pretrain_epochs=10 method.mask_epochs=10 method.final_epochs=10   # where the KB learns (mark.md)
     python benchmarks/mark_reproduce.py speed                       # vmap vs sequential meta-update
 
 Every run is an experiment config (``experiment=mark_<benchmark>`` plus the ablation's method keys, the same
@@ -70,11 +73,11 @@ RUNS = {
 }
 
 
-def run(benchmark: str, name: str, seed: int) -> tuple[dict, object]:
+def run(benchmark: str, name: str, seed: int, override: list[str] | None = None) -> tuple[dict, object]:
     extra = RUNS[name]
     meta = NO_PLUGINS not in extra
     cfg = compose([f"experiment=mark_{benchmark}", *SCALE, *(META_SCALE if meta else []), *extra, "logger=none",
-                   f"data_dir={data_dir()}", "trainer.enable_progress_bar=false", f"seed={seed}"])
+                   f"data_dir={data_dir()}", "trainer.enable_progress_bar=false", f"seed={seed}", *(override or [])])
     return timed_run(cfg)
 
 
@@ -107,6 +110,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small nets)")
+    parser.add_argument("--override", nargs="*", default=[],
+                        help="config overrides after the scale's, e.g. benchmark.train_samples_per_task=5000")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.benchmark == "speed":
@@ -116,7 +121,7 @@ def main() -> None:
     for name in args.runs:
         accs, bwts, diags, walls, drifts = [], [], [], [], []
         for seed in args.seeds:
-            metrics, model = run(args.benchmark, name, seed)
+            metrics, model = run(args.benchmark, name, seed, args.override)
             R = 100 * np.asarray(metrics["R"])
             accs.append(100 * metrics["ACC"])
             bwts.append(100 * metrics["BWT"])
@@ -128,7 +133,8 @@ def main() -> None:
             print("KB drift per task: " + " ".join(f"{d:.2e}" for d in drifts[-1]))
             print("storage: " + ", ".join(f"{k} {v}" for k, v in metrics["storage"].items()), flush=True)
         rows.append((name, accs, bwts, diags, walls, np.mean(drifts, 0), metrics["storage"]))
-    print(f"\n{args.benchmark} (task-IL), shortened schedule (see the docstring), seeds {args.seeds}")
+    print(f"\n{args.benchmark} (task-IL), shortened schedule (see the docstring), seeds {args.seeds}"
+          + (f", overrides {args.override}" if args.override else ""))
     print("| run | ACC | BWT | mean R[j,j] | KB drift (task 0; mean of later tasks) | values stored (KB + tasks) | "
           "one net per task | wall s | CIFAR-100 paper | CIFAR-100 report |")
     print("|---|---|---|---|---|---|---|---|---|---|")
