@@ -82,6 +82,7 @@ def task_inference(model, cfg: dict) -> dict[str, list[float]]:
     """HNET+TIR: per task, the share of its test inputs whose task each rule picks, and the accuracy that rule
     gives, on the trained model ("classifier": the task classifier, HNET+TIR; "entropy": HNET+ENT's rule)."""
     from cl_lightning.experiment import build
+    from cl_lightning.methods.base import place_task_logits
 
     _, dm = build(cfg)
     model.eval()
@@ -95,7 +96,7 @@ def task_inference(model, cfg: dict) -> dict[str, list[float]]:
             x, y, tid = test[torch.arange(len(test))]
             logits, chosen = model.infer_task(x)
             picked.append(float((chosen == t).float().mean()) * 100)
-            correct.append(float((model.place(logits, chosen).argmax(1) == y).float().mean()) * 100)
+            correct.append(float((place_task_logits(logits, chosen, dm.info).argmax(1) == y).float().mean()) * 100)
         out[rule], out[rule + "_acc"] = picked, correct
     model.inference = rule_before
     return out
