@@ -11,7 +11,7 @@ from cl_lightning.config import compose
 from cl_lightning.datamodules.cifar import SplitCIFAR10, SplitCIFAR100, load_cifar_split
 from cl_lightning.datamodules.mnist import DataNotFoundError
 from cl_lightning.experiment import build
-from tests.helpers.cifar_files import fake_cifar10, fake_cifar100
+from tests.helpers.image_files import fake_cifar10, fake_cifar100
 from tests.helpers.run import run_tasks
 
 

@@ -4,8 +4,6 @@ names the expected files when they are absent."""
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +12,7 @@ from cl_lightning.config import CONFIG_DIR, compose
 from cl_lightning.datamodules.miniimagenet import SplitMiniImageNet, load_miniimagenet_split
 from cl_lightning.datamodules.mnist import DataNotFoundError
 from cl_lightning.experiment import build
-from tests.helpers.cifar_files import fake_cifar100
+from tests.helpers.image_files import fake_cifar100, fake_miniimagenet
 from tests.helpers.run import run_tasks
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("mark_*.yaml"))
@@ -24,19 +22,6 @@ TINY = ["method.kb_channels=[4,8,8]", "method.latent_dim=16", "method.feature_ch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def fake_miniimagenet(root, per_class_train: int = 2, per_class_test: int = 1):
-    folder = root / "miniimagenet"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, per in (("train", per_class_train), ("test", per_class_test)):
-        labels = np.repeat(np.arange(100), per)
-        base = (labels * 2)[:, None, None, None]  # each class its own mean colour: learnable
-        images = (base + rng.integers(0, 40, (len(labels), 84, 84, 3))).clip(0, 255).astype(np.uint8)
-        with open(folder / f"{name}.pkl", "wb") as fh:
-            pickle.dump({"images": images, "labels": labels.tolist()}, fh)
-    return root
 
 
 def test_every_mark_experiment_composes_and_builds(tmp_path):

@@ -1,4 +1,4 @@
-"""Small CIFAR files in the real pickle format (CIFAR cannot be downloaded here)."""
+"""Small CIFAR and MiniImageNet files in their real pickle formats (neither can be downloaded here)."""
 
 from __future__ import annotations
 
@@ -30,4 +30,17 @@ def fake_cifar10(root):
         labels = np.arange(10).repeat(2)
         with open(folder / name, "wb") as fh:
             pickle.dump({b"data": np.full((20, 3072), 7, np.uint8), b"labels": labels.tolist()}, fh)
+    return root
+
+
+def fake_miniimagenet(root, per_class_train: int = 2, per_class_test: int = 1):
+    folder = root / "miniimagenet"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, per in (("train", per_class_train), ("test", per_class_test)):
+        labels = np.repeat(np.arange(100), per)
+        base = (labels * 2)[:, None, None, None]  # each class its own mean colour: learnable
+        images = (base + rng.integers(0, 40, (len(labels), 84, 84, 3))).clip(0, 255).astype(np.uint8)
+        with open(folder / f"{name}.pkl", "wb") as fh:
+            pickle.dump({"images": images, "labels": labels.tolist()}, fh)
     return root
