@@ -7,14 +7,19 @@ import pickle
 import numpy as np
 
 
+def class_coloured_images(labels: np.ndarray, pixel_shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """uint8 images of ``pixel_shape``, noise around a mean colour of their class's own, so the toy is learnable."""
+    base = (labels * 2).reshape(-1, *[1] * len(pixel_shape))
+    return (base + rng.integers(0, 40, (len(labels), *pixel_shape))).clip(0, 255).astype(np.uint8)
+
+
 def fake_cifar100(root, per_class_train: int = 4, per_class_test: int = 2):
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, per in (("train", per_class_train), ("test", per_class_test)):
         labels = np.repeat(np.arange(100), per)
-        # each class has its own mean colour, so the toy is learnable
-        data = (labels[:, None] * 2 + rng.integers(0, 40, (len(labels), 3072))).clip(0, 255).astype(np.uint8)
+        data = class_coloured_images(labels, (3072,), rng)
         with open(folder / name, "wb") as fh:
             pickle.dump({b"data": data, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist(),
                          b"filenames": [b"x.png"] * len(labels)}, fh)
@@ -39,8 +44,7 @@ def fake_miniimagenet(root, per_class_train: int = 2, per_class_test: int = 1):
     rng = np.random.default_rng(0)
     for name, per in (("train", per_class_train), ("test", per_class_test)):
         labels = np.repeat(np.arange(100), per)
-        base = (labels * 2)[:, None, None, None]  # each class its own mean colour: learnable
-        images = (base + rng.integers(0, 40, (len(labels), 84, 84, 3))).clip(0, 255).astype(np.uint8)
+        images = class_coloured_images(labels, (84, 84, 3), rng)
         with open(folder / f"{name}.pkl", "wb") as fh:
             pickle.dump({"images": images, "labels": labels.tolist()}, fh)
     return root
