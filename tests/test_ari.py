@@ -3,9 +3,6 @@ the whole loop against fine-tuning, resume and DDP."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +15,8 @@ from cl_lightning.nets import MLP
 from cl_lightning.nets.ari_estimator import pad_signature, task_signature
 from tests.helpers.ari_learner import blobs, small_learner
 from tests.helpers.crash import CrashAt
-from tests.helpers.run import REPO, run_tasks
+from tests.helpers.launch import run_script
+from tests.helpers.run import run_tasks
 from tests.helpers.supermask_data import PermutedBlobs
 
 
@@ -274,8 +272,7 @@ def test_bad_configuration_names_the_value():
 # ---------------------------------------------------------------------------- DDP
 def test_ddp_two_processes_end_with_identical_buffer_and_knowledge_base(tmp_path):
     for devices in (1, 2):
-        proc = subprocess.run([sys.executable, "tests/helpers/ari_ddp.py", str(tmp_path / f"d{devices}"), str(devices)],
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        proc = run_script("tests/helpers/ari_ddp.py", [str(tmp_path / f"d{devices}"), str(devices)])
         assert proc.returncode == 0, proc.stderr[-3000:]
     last = 2
     r0 = torch.load(tmp_path / "d2" / f"rank0_task{last}.pt")

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import torch
 
-from tests.helpers.run import REPO
+from tests.helpers.launch import train_process
 
 
 def train(mnist_root, out, dump, *extra):
     plugins = ("method.plugins=[{class_path: cl_lightning.callbacks.EWC, "
                "init_args: {strength: 100, fisher_samples: 300}}, "
                f"{{class_path: tests.helpers.dump.DumpEWCPrecision, init_args: {{folder: '{dump}'}}}}]")
-    cmd = [sys.executable, str(REPO / "train.py"), "method=ewc", f"data_dir={mnist_root}", f"output_dir={out}",
+    cmd = ["method=ewc", f"data_dir={mnist_root}", f"output_dir={out}",
            "logger=none",
            plugins, "benchmark.num_tasks=2", "benchmark.class_order=[0,1,2,3,4,5,6,7,8,9]",
            "benchmark.train_samples_per_task=512", "benchmark.batch_size=64", "method.backbone.hidden_sizes=[64]",
            "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = train_process(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text())
 

@@ -13,13 +13,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from tests.helpers.kill import with_killer
-from tests.helpers.run import REPO
+from tests.helpers.launch import train_process
 
 SMALL = ["benchmark=permuted_mnist", "benchmark.train_samples_per_task=192", "benchmark.batch_size=64",
          "benchmark.eval_batch_size=500", "trainer.max_epochs=2"]
@@ -54,8 +53,7 @@ FAMILIES = {
 def train(args: list[str], mnist_root) -> subprocess.CompletedProcess:
     env = {**os.environ, "CL_DATA_DIR": str(mnist_root), "PYTHONWARNINGS": "ignore"}
     env.pop("CL_LIGHTNING_RUN_DIR", None)
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+    return train_process(args, env, timeout=900)
 
 
 @pytest.mark.slow

@@ -5,14 +5,12 @@ the single-process memory."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers.run import REPO
+from tests.helpers.launch import train_process
 
 
 def train(mnist_root, out, dump, *extra):
@@ -20,11 +18,11 @@ def train(mnist_root, out, dump, *extra):
                "{memory_size: 100, batch_size: 32, alpha: 0.3, beta: 0.5}}, "
                "{class_path: cl_lightning.callbacks.GEM, init_args: {memory_size: 200}}, "
                f"{{class_path: tests.helpers.dump_memory.DumpMemory, init_args: {{folder: '{dump}'}}}}]")
-    cmd = [sys.executable, str(REPO / "train.py"), "method=derpp", "benchmark=permuted_mnist",
+    cmd = ["method=derpp", "benchmark=permuted_mnist",
            f"data_dir={mnist_root}", f"output_dir={out}", "logger=none", plugins, "benchmark.num_tasks=2",
            "benchmark.train_samples_per_task=512", "benchmark.batch_size=64", "trainer.enable_progress_bar=false",
            "trainer.accelerator=cpu", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = train_process(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text())
 

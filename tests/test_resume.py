@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import lightning as L
 import numpy as np
@@ -16,7 +14,8 @@ from cl_lightning.datamodules import SplitMNIST
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
 from tests.helpers.crash import CrashAt
-from tests.helpers.run import REPO, run_tasks
+from tests.helpers.launch import train_process
+from tests.helpers.run import run_tasks
 
 
 def make(root, marker, crash_task, crash_step):
@@ -48,13 +47,13 @@ def test_killed_after_a_task_and_resumed_with_train_py(mnist_root, tmp_path):
     plugins = ("method.plugins=[{class_path: cl_lightning.callbacks.EWC, "
                "init_args: {strength: 100, fisher_samples: 200}}, "
                f"{{class_path: tests.helpers.crash.CrashAt, init_args: {{task: 3, step: 0, marker: '{marker}'}}}}]")
-    common = [sys.executable, str(REPO / "train.py"), "method=ewc", f"data_dir={mnist_root}", "logger=csv", plugins,
+    common = ["method=ewc", f"data_dir={mnist_root}", "logger=csv", plugins,
               "method.backbone.hidden_sizes=[64]", "benchmark.train_samples_per_task=300",
               "trainer.enable_progress_bar=false",
               "trainer.log_every_n_steps=1"]
 
     def train(*extra):
-        return subprocess.run(common + list(extra), cwd=REPO, capture_output=True, text=True, timeout=600)
+        return train_process(common + list(extra))
 
     marker.write_text("never crash")
     assert train(f"output_dir={tmp_path / 'ref'}").returncode == 0

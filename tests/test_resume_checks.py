@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import warnings
 
 import lightning as L
@@ -22,7 +20,8 @@ from cl_lightning.experiment import resolve_config
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
 from tests.helpers.kill import with_killer
-from tests.helpers.run import REPO, run_tasks
+from tests.helpers.launch import train_process
+from tests.helpers.run import run_tasks
 
 
 @pytest.fixture
@@ -102,8 +101,7 @@ def test_sigterm_and_sigint_leave_a_resumable_run_that_says_how(budget, mnist_ro
     env.pop("CL_LIGHTNING_RUN_DIR", None)
 
     def train(*args):
-        return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=600)
+        return train_process(list(args), env)
 
     ref = train(with_killer("ewc", [], tmp_path / "never"), *common, f"output_dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr[-2000:]

@@ -7,7 +7,6 @@ import csv
 import itertools
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +16,7 @@ import yaml
 from cl_lightning.config import ConfigError, compose
 from cl_lightning.experiment import make_loggers
 from cl_lightning.sweep import SWEEP_FILE, Sweep, is_sweep, plan, split_values
+from tests.helpers.launch import train_process
 from tests.helpers.run import REPO
 
 
@@ -104,8 +104,7 @@ def test_the_wandb_sweep_file_builds_command_lines_our_parser_accepts():
 def sweep_py(*args, cwd):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("CL_LIGHTNING_RUN_DIR", None)
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return train_process(list(args), env, cwd)
 
 
 @pytest.mark.slow

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from cl_lightning.runner import ContinualRunner
+from tests.helpers.launch import train_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,8 +42,7 @@ def train_py(args: list[str], out: Path, mnist_root: Path | None = None, threads
         env["CL_DATA_DIR"] = str(mnist_root)
         mnist = ["benchmark.num_tasks=2", "benchmark.train_samples_per_task=512", "benchmark.batch_size=64",
                  "benchmark.eval_batch_size=500"]
-    cmd = [sys.executable, "train.py", *args, *mnist, "logger=none", "trainer.accelerator=cpu",
-           "trainer.enable_progress_bar=false", f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = train_process([*args, *mnist, "logger=none", "trainer.accelerator=cpu",
+                          "trainer.enable_progress_bar=false", f"output_dir={out}"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text())
