@@ -8,9 +8,7 @@ import os
 from pathlib import Path
 
 from cl_lightning.runner import ContinualRunner
-from tests.helpers.launch import train_process
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.launch import REPO, train_process
 
 
 def find_mnist_root() -> Path | None:
