@@ -19,8 +19,7 @@ install:
 	touch $(STAMP)
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m pip install -e ".[dev]"
-	touch $@
+	$(MAKE) --no-print-directory install
 
 train: $(STAMP)
 	$(PYTHON) train.py $(ARGS)
