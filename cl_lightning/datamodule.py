@@ -158,7 +158,8 @@ class ContinualDataModule(L.LightningDataModule, ABC):
     def info(self) -> BenchmarkInfo:
         d = self.describe()
         return BenchmarkInfo(name=d.name, tasks=d.tasks, scenario=self.scenario, input_shape=d.input_shape,
-                             outputs_per_task=d.outputs_per_task, problem=d.problem)
+                             outputs_per_task=d.outputs_per_task, problem=d.problem,
+                             normalization=d.normalization)
 
     @property
     def tasks(self) -> tuple[Task, ...]:

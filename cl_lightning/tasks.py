@@ -55,6 +55,10 @@ class Description:
     input_shape: tuple[int, ...]
     outputs_per_task: int
     problem: str = "classification"  # or "regression"
+    #: Per-channel ``(mean, std)`` the benchmark's images were normalised with (``x = (pixel - mean) / std``,
+    #: pixels in [0, 1]); ``None``: inputs are not images of that kind. A pretrained backbone reads it to put
+    #: inputs into its own weights' normalisation.
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class BenchmarkInfo:
     input_shape: tuple[int, ...]
     outputs_per_task: int
     problem: str = "classification"  # or "regression"
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def num_tasks(self) -> int:
