@@ -72,8 +72,8 @@ class RandomCropFlip(BatchAugmentation):
             padded[:, :, p:p + h, p:p + w] = x
             rows = (params[:, 0, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
             cols = (params[:, 1, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
-            x = padded[torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1),
-                       rows, cols]
+            samples = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+            x = padded[samples, torch.arange(c, device=x.device).view(1, c, 1, 1), rows, cols]
         return _flip_rows(x, params[:, 2]) if self.flip else x
 
 
