@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cl_lightning.augment import BatchAugmentation
 from cl_lightning.tasks import BenchmarkInfo, Description, Scenario, Task
 
 BatchTransform = Callable[[Tensor], Tensor]
@@ -117,7 +118,7 @@ class ContinualDataModule(L.LightningDataModule, ABC):
 
     def __init__(self, num_tasks: int, batch_size: int = 128, scenario: str = "task", seed: int = 0,
                  train_samples_per_task: int | None = None, val_fraction: float = 0.0,
-                 eval_batch_size: int = 1000):
+                 eval_batch_size: int = 1000, augment: bool = True):
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks={num_tasks} must be at least 1")
@@ -136,6 +137,8 @@ class ContinualDataModule(L.LightningDataModule, ABC):
         self.train_samples_per_task = train_samples_per_task
         self.val_fraction = val_fraction
         self.eval_batch_size = eval_batch_size
+        #: Whether training batches get the benchmark's :meth:`train_augmentation` (never evaluation batches).
+        self.augment = augment
         self.current_task = 0
         self.cumulative = False
         self._splits: dict[tuple[int, str], TaskData] | None = None
@@ -152,6 +155,11 @@ class ContinualDataModule(L.LightningDataModule, ABC):
     @abstractmethod
     def _task_split(self, task_id: int, split: str) -> TaskData:
         """``split`` is ``train`` (all training data of the task) or ``test``."""
+
+    def train_augmentation(self) -> BatchAugmentation | None:
+        """The augmentation of training batches as the benchmark's references do it, applied by the method on the
+        batch's device (``None``: none, or ``augment=False``). Subclasses with one override this."""
+        return None
 
     # ----------------------------------------------------------------- task protocol
     @property
