@@ -32,6 +32,7 @@ from cl_lightning.datamodule import ContinualDataModule
 from cl_lightning.methods.base import ContinualModule
 from cl_lightning.metrics import adaptation_rate_integral, summarize
 from cl_lightning.outputs import log_final, log_task_row, write_run_files
+from cl_lightning.precision import UnscaledGradients
 from cl_lightning.terminal import Terminal, progress_callback, quiet_run
 
 
@@ -224,7 +225,8 @@ class ContinualRunner:
 
     # ------------------------------------------------------------------ trainers
     def make_trainer(self, task: int, train: bool = True) -> L.Trainer:
-        callbacks: list[L.Callback] = [self.record]
+        # under 16-mixed, plugins editing .grad before the step must see unscaled gradients (precision.py)
+        callbacks: list[L.Callback] = [self.record, UnscaledGradients()]
         if self.trainer_kwargs.get("enable_progress_bar", True):
             # a tqdm bar on a terminal, a line per epoch in a log (terminal.py)
             callbacks.append(progress_callback(task, self.info.num_tasks))
