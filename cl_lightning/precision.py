@@ -38,7 +38,7 @@ def full_precision(device: torch.device | str | None = None) -> Iterator[None]:
 def fp32(value: T) -> T:
     """A tensor (or a mapping of name to tensor) as fp32; integer and fp64 tensors are left as they are."""
     if isinstance(value, Mapping):
-        return {k: fp32(v) for k, v in value.items()}  # type: ignore[return-value]
+        return {k: fp32(v) for k, v in value.items()}
     if value.is_floating_point() and value.dtype in (torch.float16, torch.bfloat16):
         return value.float()
     return value
@@ -60,4 +60,4 @@ class UnscaledGradients(L.Callback):
             return
         for opt in trainer.optimizers:
             if getattr(opt, "_step_supports_amp_scaling", False):
-                opt._step_supports_amp_scaling = False
+                opt._step_supports_amp_scaling = False  # type: ignore[attr-defined]

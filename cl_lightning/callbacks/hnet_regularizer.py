@@ -58,6 +58,7 @@ from torch.func import functional_call
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.nets.hypernetwork import HyperNetwork, OutputReference
+from cl_lightning.precision import full_precision
 
 if TYPE_CHECKING:
     from cl_lightning.methods.base import ContinualModule
@@ -217,6 +218,12 @@ class OutputRegularizer(ContinualCallback):
     def penalty(self, module: ContinualModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         if not self.active or self.beta == 0:
             return None
+        # in fp32 under mixed precision: generated weights in bf16 differ from their targets by rounding alone
+        # (8 mantissa bits), a floor the penalty would push against; see cl_lightning/precision.py
+        with full_precision(module.device):
+            return self._penalty(module, step)
+
+    def _penalty(self, module: ContinualModule, step: TaskLoss | None) -> Tensor:
         host = cast(HypernetworkHost, module)
         idx = self.subset(module)
         embeddings = host.embeddings(idx)
