@@ -9,8 +9,10 @@ from cl_lightning.methods.hnet_tir import HNETTIR
 from cl_lightning.methods.icarl import ICaRL
 from cl_lightning.methods.impresslearn import ImpressLearn
 from cl_lightning.methods.mark import MARK
+from cl_lightning.methods.prompts import L2P, CODAPrompt, DualPrompt, SimpleCIL
 from cl_lightning.methods.replay import DGR, HNETR, VAEReplayModule
 from cl_lightning.methods.supsup import SupermaskModule, SupSup
 
-__all__ = ["DGR", "HNET", "HNETR", "HNETTIR", "MARK", "ARILearner", "ContinualModule", "ERACE", "GDumb", "ICaRL",
-           "ImpressLearn", "JointTraining", "SupSup", "SupermaskModule", "VAEReplayModule"]
+__all__ = ["DGR", "HNET", "HNETR", "HNETTIR", "L2P", "MARK", "ARILearner", "CODAPrompt", "ContinualModule",
+           "DualPrompt", "ERACE", "GDumb", "ICaRL", "ImpressLearn", "JointTraining", "SimpleCIL", "SupSup",
+           "SupermaskModule", "VAEReplayModule"]
