@@ -15,6 +15,21 @@ import torch
 from torch import Tensor
 
 
+def step_generator(task: int, step: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator seeded by the run's seed (``torch.initial_seed()``, which the runner sets per task), the
+    task, the optimizer step and a ``salt`` naming the use: the same on every rank and after a resume."""
+    seed = ((torch.initial_seed() * 1_000_003 + task) * 1_000_003 + step) * 31 + salt
+    return torch.Generator().manual_seed(seed % (2**63 - 1))
+
+
+def draw_share(augmentation: BatchAugmentation, global_n: int, generator: torch.Generator, rank: int = 0,
+               world_size: int = 1) -> Tensor:
+    """This rank's rows of the parameters drawn for a global batch of ``global_n`` samples (ranks hold
+    ``tensor_split`` shares of it, as the batch sampler and the replay memory give them): each sample is
+    augmented as in a single-process run."""
+    return augmentation.draw(global_n, generator).tensor_split(world_size)[rank]
+
+
 class BatchAugmentation:
     """Base: random parameters per sample (:meth:`draw`), applied batch-wise (:meth:`apply`)."""
 

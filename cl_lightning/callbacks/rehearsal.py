@@ -11,7 +11,8 @@ It fills the memory in one of two ways and hands replay batches to its subclass:
   holds the whole data set, so no communication is needed) is added, and the budget is split equally
   between classes (``balance: class``) or tasks (``balance: task``).
 
-A replay batch (:meth:`replay_batch`) is drawn from the memory's own generator, the same on every rank;
+A replay batch (:meth:`replay_batch`) is drawn from the memory's own generator, the same on every rank, and gets
+the benchmark's training augmentation (memories hold samples as loaded, un-augmented, as Mammoth's buffer does);
 each rank takes its share of it, so a loss written as ``sum over the share * world / n`` has the
 single-process gradient once DDP averages the ranks.
 """
@@ -112,15 +113,19 @@ class RehearsalPlugin(ContinualCallback):
                                              "t": t.to(module.device)})
 
     # ------------------------------------------------------------------ drawing
-    def replay_batch(self, module: ContinualModule, n: int | None = None) -> tuple[dict[str, Tensor], float] | None:
-        """This rank's share of a replay batch of ``n`` samples, and the factor ``world / n`` that turns a sum
-        over the share into the global mean; ``None`` while the memory is empty."""
+    def replay_batch(self, module: ContinualModule, n: int | None = None,
+                     draw: int = 0) -> tuple[dict[str, Tensor], float] | None:
+        """This rank's share of a replay batch of ``n`` samples, augmented, and the factor ``world / n`` that turns
+        a sum over the share into the global mean; ``None`` while the memory is empty. ``draw`` numbers the
+        replay batches of one step (DER++ draws two), so each gets its own augmentation."""
         if self.memory.is_empty:
             return None
         idx = self.memory.draw(n or self.batch_size)
         world, rank = world_and_rank(module)
         share = idx.tensor_split(world)[rank]
-        return self.memory.get(share, module.device), world / len(idx)
+        rows = self.memory.get(share, module.device)
+        rows["x"] = module.augment_inputs(rows["x"], salt=1 + draw, global_n=len(idx))  # stored un-augmented
+        return rows, world / len(idx)
 
     def sample_replay(self, tasks: Tensor, generator: torch.Generator,
                       teacher: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:

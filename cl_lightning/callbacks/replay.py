@@ -81,7 +81,7 @@ class DarkExperienceReplay(RehearsalPlugin):
         out = module(rows["x"], rows["t"])
         total = self.alpha * F.mse_loss(out, rows["logits"], reduction="none").mean(1).sum() * scale
         if self.beta > 0:
-            again = self.replay_batch(module)
+            again = self.replay_batch(module, draw=1)
             assert again is not None  # the memory is not empty
             total = total + self.beta * replay_cross_entropy(module, *again)
         return total

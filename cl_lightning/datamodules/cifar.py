@@ -3,7 +3,9 @@
 Expected layout under ``data_dir``: ``cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` or
 ``cifar-100-python/{train, test, meta}`` (each a pickle of a dict with ``b"data"`` ``[N, 3072]`` uint8 and
 ``b"labels"`` / ``b"fine_labels"``). Images stay uint8 ``[N, 3, 32, 32]`` in memory and are normalised
-one batch at a time.
+one batch at a time. Training batches get the references' augmentation (random crop 32 of the image padded by 4
+black pixels, horizontal flip: Mammoth's and DER's ``RandomCrop(32, 4)`` + ``RandomHorizontalFlip``), applied by
+the method on the batch's device; ``augment=false`` turns it off.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cl_lightning.augment import BatchAugmentation, RandomCropFlip
 from cl_lightning.datamodule import ContinualDataModule, DataError, TaskData
 from cl_lightning.datamodules.class_split import check_class_order, equal_class_split, split_by_classes
 from cl_lightning.datamodules.mnist import DataNotFoundError, default_data_dir
@@ -86,22 +89,30 @@ class SplitCIFAR100(ContinualDataModule):
     def __init__(self, num_tasks: int = 20, class_order: list[int] | None = None, shuffle_classes: bool = False,
                  data_dir: str | None = None, download: bool = True, batch_size: int = 128,
                  scenario: str = "task", seed: int = 0, train_samples_per_task: int | None = None,
-                 val_fraction: float = 0.0, eval_batch_size: int = 1000):
+                 val_fraction: float = 0.0, eval_batch_size: int = 1000, augment: bool = True):
         super().__init__(num_tasks=num_tasks, batch_size=batch_size, scenario=scenario, seed=seed,
                          train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
-                         eval_batch_size=eval_batch_size)
+                         eval_batch_size=eval_batch_size, augment=augment)
         self.data_dir = data_dir or default_data_dir()
         self.download = download
         self.class_order = check_class_order(class_order, self.num_classes, seed if shuffle_classes else None)
         self.groups = equal_class_split(self.class_order, num_tasks)
         _, _, _, _, mean, std = LAYOUTS[self.dataset]
+        self.mean, self.std = mean, std
         self.normalize = _Normalize(mean, std)
         self._data: dict[str, tuple[Tensor, Tensor]] = {}
 
     def describe(self) -> Description:
         name = f"split_{self.dataset.lower()}"
         tasks = tuple(Task(i, f"{name}/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
-        return Description(name, tasks, input_shape=(3, 32, 32), outputs_per_task=len(self.groups[0]))
+        return Description(name, tasks, input_shape=(3, 32, 32), outputs_per_task=len(self.groups[0]),
+                           normalization=(self.mean, self.std))
+
+    def train_augmentation(self) -> BatchAugmentation | None:
+        if not self.augment:
+            return None
+        black = tuple(-m / s for m, s in zip(self.mean, self.std, strict=True))  # a 0 pixel, normalised
+        return RandomCropFlip(padding=4, flip=True, fill=black)
 
     def prepare_data(self) -> None:
         for train in (True, False):
@@ -126,8 +137,8 @@ class SplitCIFAR10(SplitCIFAR100):
     def __init__(self, num_tasks: int = 5, class_order: list[int] | None = None, shuffle_classes: bool = False,
                  data_dir: str | None = None, download: bool = True, batch_size: int = 128,
                  scenario: str = "task", seed: int = 0, train_samples_per_task: int | None = None,
-                 val_fraction: float = 0.0, eval_batch_size: int = 1000):
+                 val_fraction: float = 0.0, eval_batch_size: int = 1000, augment: bool = True):
         super().__init__(num_tasks=num_tasks, class_order=class_order, shuffle_classes=shuffle_classes,
                          data_dir=data_dir, download=download, batch_size=batch_size, scenario=scenario, seed=seed,
                          train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
-                         eval_batch_size=eval_batch_size)
+                         eval_batch_size=eval_batch_size, augment=augment)

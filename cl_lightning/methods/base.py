@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_lightning.augment import draw_share, step_generator
 from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.metrics import TaskScores
 from cl_lightning.nets import MLP
@@ -204,9 +205,28 @@ class ContinualModule(L.LightningModule):
         out = self(x, t)
         return TaskLoss(self.criterion(out, y), out, y)
 
+    def augment_inputs(self, x: Tensor, salt: int = 0, global_n: int | None = None) -> Tensor:
+        """``x`` with the benchmark's training augmentation (unchanged when it has none or ``augment=false``),
+        applied batch-wise on ``x``'s device. The parameters come from the run's seed, the task, the step and
+        ``salt`` (0: the stream's batch, 1: a replay batch), drawn for the global batch of ``global_n`` samples
+        (default: this rank's share times the processes) of which this rank takes its share: resume and DDP
+        augment every sample as the uninterrupted single-process run does."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        augmentation = getattr(datamodule, "train_augmentation", lambda: None)()
+        if augmentation is None or trainer is None:
+            return x
+        world, rank = trainer.world_size, trainer.global_rank
+        generator = step_generator(self.current_task, self.global_step, salt)
+        params = draw_share(augmentation, global_n or len(x) * world, generator, rank, world)
+        return augmentation.apply(x, params)
+
     def training_objective(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The task loss plus every plugin's penalty (each given the task loss), and the terms by name (for
-        logging); the step's errors are counted here, for every method."""
+        logging); the step's errors are counted here, for every method. The loss and the penalties see the
+        augmented batch; the plugins' batch hooks (a rehearsal memory filling) see the batch as loaded."""
+        x, y, t = batch
+        batch = (self.augment_inputs(x), y, t)
         step = self.task_loss(batch)
         if not isinstance(step, TaskLoss):
             raise TypeError(f"{type(self).__name__}.task_loss must return a TaskLoss (the loss with the logits and "

@@ -28,13 +28,18 @@ def fake_cifar100(root, per_class_train: int = 4, per_class_test: int = 2):
     return root
 
 
-def fake_cifar10(root):
+def fake_cifar10(root, per_class: int = 2, varied: bool = False):
+    """CIFAR-10's batch files with ``per_class`` images of each class in each; constant images (7) unless
+    ``varied`` (noise around a brightness of the class's own, which crops and flips change)."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = np.arange(10).repeat(2)
+        labels = np.arange(10).repeat(per_class)
+        data = (class_coloured_images(labels * 12, (3072,), rng) if varied  # brightness 24 apart: learnable
+                else np.full((len(labels), 3072), 7, np.uint8))
         with open(folder / name, "wb") as fh:
-            pickle.dump({b"data": np.full((20, 3072), 7, np.uint8), b"labels": labels.tolist()}, fh)
+            pickle.dump({b"data": data, b"labels": labels.tolist()}, fh)
     return root
 
 
