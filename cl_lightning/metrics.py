@@ -57,18 +57,24 @@ def forgetting(R: np.ndarray, higher_is_better: bool = True) -> float | None:
 
 
 def adaptation_rate_integral(errors: Sequence[float] | np.ndarray | Tensor) -> float | np.ndarray:
-    """ARI (Eq. 4 of Srivastava et al., "Lifelong learning of task-parameter relationships", 2023).
+    """ARI (Srivastava et al., "Lifelong learning of task-parameter relationships", 2023): the step-averaged area
+    under the accuracy curve of an adaptation trajectory, ``1 - (1/T) * integral_0^T err(h(t)) dt`` (Eq. 3).
 
-    ``errors`` are ``err_S(theta_t)`` at the ``T + 1`` points ``t = 0..T`` of an adaptation trajectory
-    (last axis); ARI = ``1 - (1/T) * sum_{t=0..T} err_t``, as the paper writes it: the area under the
-    accuracy curve per step, so a set that adapts fast scores high. With a single point (T = 0) it is
-    ``1 - err_0``. Extra leading axes give one ARI per row (several candidates at once).
+    ``errors`` are ``err_S(theta_t)`` at the ``T + 1`` points ``t = 0..T`` (last axis); the integral is taken
+    over the piecewise-linear curve through them (trapezoid rule), so the ARI lies in [0, 1] whenever the errors
+    do, and a set that adapts fast scores high. The paper's discrete Eq. 4, ``1 - (1/T) * sum_{t=0..T} err_t``,
+    sums ``T + 1`` errors over ``T`` steps: it exceeds Eq. 3's area by ``(err_0 + err_T) / (2T)`` and goes
+    negative on a short trajectory that stays wrong (``[1, 1]`` gives -1), which is why we follow Eq. 3. With a
+    single point (T = 0) it is ``1 - err_0``. Extra leading axes give one ARI per row (several candidates).
     """
     e = errors.detach().cpu().numpy() if isinstance(errors, Tensor) else np.asarray(errors, dtype=float)
     if e.shape[-1] == 0:
         raise ValueError("an adaptation trajectory needs at least one error value")
-    steps = max(e.shape[-1] - 1, 1)
-    ari = 1.0 - e.sum(-1) / steps
+    if e.shape[-1] == 1:
+        ari = 1.0 - e[..., 0]
+    else:
+        area = ((e[..., :-1] + e[..., 1:]) / 2).sum(-1)
+        ari = 1.0 - area / (e.shape[-1] - 1)
     return float(ari) if np.ndim(ari) == 0 else ari
 
 

@@ -22,11 +22,17 @@ from tests.helpers.supermask_data import PermutedBlobs
 
 # ---------------------------------------------------------------------------- the ARI function
 def test_ari_of_a_trajectory_by_hand():
-    # T = 3 steps, errors at theta_0..theta_3: 1 - (0.8 + 0.4 + 0.2 + 0.1) / 3
-    assert adaptation_rate_integral([0.8, 0.4, 0.2, 0.1]) == pytest.approx(0.5)
+    # T = 3 steps, errors at theta_0..theta_3; the area under the error curve (Eq. 3) by trapezoids:
+    # (0.8 + 0.4) / 2 + (0.4 + 0.2) / 2 + (0.2 + 0.1) / 2 = 1.05, so ARI = 1 - 1.05 / 3 = 0.65
+    assert adaptation_rate_integral([0.8, 0.4, 0.2, 0.1]) == pytest.approx(0.65)
     assert adaptation_rate_integral([0.3]) == pytest.approx(0.7)
     rows = adaptation_rate_integral(np.array([[0.8, 0.4, 0.2, 0.1], [0.0, 0.0, 0.0, 0.0]]))
-    np.testing.assert_allclose(rows, [0.5, 1.0])
+    np.testing.assert_allclose(rows, [0.65, 1.0])
+    # a trajectory that stays wrong scores 0 and one that is right throughout 1 (Eq. 4 taken literally: -1 and 1)
+    assert adaptation_rate_integral([1.0, 1.0]) == pytest.approx(0.0)
+    assert adaptation_rate_integral(torch.ones(3, 2)).tolist() == [0.0, 0.0, 0.0]
+    # errors linear in the step: the trapezoid area is the exact integral of Eq. 3, 1 - mean(err) = 0.5
+    assert adaptation_rate_integral(np.linspace(1.0, 0.0, 11)) == pytest.approx(0.5)
     # a faster-adapting trajectory has the higher ARI
     assert adaptation_rate_integral([0.9, 0.1, 0.1]) > adaptation_rate_integral([0.9, 0.5, 0.1])
     with pytest.raises(ValueError, match="at least one"):
