@@ -29,6 +29,8 @@ from typing import Any, Literal, Union, cast
 import yaml
 from omegaconf import OmegaConf
 
+from cl_lightning.tasks import Scenario
+
 CONFIG_DIR = Path(os.environ.get("CL_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
 GROUPS = ("benchmark", "method", "trainer", "logger")
 TOP_LEVEL_KEYS = (*GROUPS, "experiment", "seed", "data_dir", "output_dir", "resume", "name", "checkpoints")
@@ -180,6 +182,9 @@ def compose(overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR,
     for path, value in experiment_values + assignments:
         set_path(cfg, path, value)
     link_data_dir(cfg)
+    if base is None:
+        given = {p.replace(".init_args.", ".") for p, _ in experiment_values + assignments}
+        fit_scenario(cfg, chosen="benchmark.scenario" in given)
     unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS and not k.endswith("_name")]
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}: {nearest(unknown[0], TOP_LEVEL_KEYS)}")
@@ -203,6 +208,37 @@ def link_data_dir(cfg: dict[str, Any]) -> None:
         return
     if args.get("data_dir") is None:
         node["init_args"] = {**args, "data_dir": cfg["data_dir"]}
+
+
+#: The order in which a method's first supported scenario is picked.
+SCENARIO_ORDER = ("task", "domain", "class")
+
+
+def fit_scenario(cfg: dict[str, Any], chosen: bool) -> None:
+    """When nobody chose ``benchmark.scenario`` and the benchmark file's own default is one the method cannot run,
+    the method's first supported scenario (task, domain, class-IL): ``python train.py method=icarl`` runs
+    class-IL Split-MNIST instead of failing. A scenario given on the command line or by an experiment is kept
+    (and refused with the supported ones named, when the method cannot run it)."""
+    method, benchmark = cfg.get("method"), cfg.get("benchmark")
+    if chosen or not isinstance(method, dict) or not isinstance(benchmark, dict) or "class_path" not in method:
+        return
+    args = benchmark.get("init_args") or {}
+    if "scenario" not in args:
+        return
+    try:
+        supported = getattr(import_class(method["class_path"], "method"), "supported_scenarios", None)
+    except ConfigError:
+        return  # named by validate
+    if not supported:
+        return
+    names = {getattr(s, "value", s) for s in supported}
+    try:
+        current = Scenario.parse(args["scenario"]).value
+    except ValueError:
+        return  # named when the benchmark is built
+    if current not in names:
+        args["scenario"] = next(s for s in SCENARIO_ORDER if s in names)
+        benchmark["init_args"] = args
 
 
 # ---------------------------------------------------------------------------------------- validate
