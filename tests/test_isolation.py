@@ -1,7 +1,7 @@
 """Parameter isolation: HAT (unit masks from task embeddings, gradients of old units masked) and PackNet (weights
 pruned and frozen per task). Each is checked on its mechanism (old outputs unchanged, masked gradients zero,
 frozen weights bitwise, exact pruning) and against fine-tuning on the same small task-IL Permuted-MNIST (ACC and
-BWT); a run killed inside a task resumes to the same R; HAT on 2 DDP processes matches 1 process."""
+BWT); a run killed inside a task resumes to the same R; PackNet on 2 DDP processes matches 1 process."""
 
 from __future__ import annotations
 
@@ -222,16 +222,16 @@ def test_resume_inside_a_task_equals_the_uninterrupted_run(mnist_root, tmp_path,
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_hat_ddp_two_cpu_processes_match_one(mnist_root, tmp_path):
-    args = ["method=hat", "benchmark=permuted_mnist", "benchmark.scenario=task", "method.lr=0.1",
-            "method.backbone.hidden_sizes=[100,100]", "trainer.max_epochs=2"]
+def test_packnet_ddp_two_cpu_processes_match_one(mnist_root, tmp_path):
+    args = ["method=packnet", "benchmark=permuted_mnist", "benchmark.scenario=task"]
     one = train_py([*args, "trainer.devices=1"], tmp_path / "one", mnist_root, threads=1)
     two = train_py([*args, "trainer.strategy=ddp", "trainer.devices=2"], tmp_path / "two", mnist_root)
     R1, R2 = torch.tensor(one["R"]), torch.tensor(two["R"])
-    assert R1.shape == (2, 2) and (R1.diag() > 0.5).all(), R1  # 16 steps per task; chance is 0.1
-    assert torch.allclose(R1, R2, atol=0.01), (R1, R2)
-    assert R2[1, 0] == pytest.approx(R2[0, 0], abs=0.01)  # HAT protects task 0 on 2 processes too
-    states = [torch.load(tmp_path / run / "checkpoints" / "after_task_1.ckpt", weights_only=False)
+    assert R1.shape == (2, 2) and (R1.diag() > 0.3).all(), R1  # 8 steps per task; chance is 0.1
+    assert torch.allclose(R1, R2, atol=0.02), (R1, R2)
+    assert R2[1, 0] == R2[0, 0]  # task 0 frozen on 2 processes too
+    states = [torch.load(tmp_path / run / "checkpoints" / "after_task_1.ckpt", weights_only=False)["state_dict"]
               for run in ("one", "two")]
-    for name, value in states[0]["state_dict"].items():
-        torch.testing.assert_close(states[1]["state_dict"][name], value, rtol=0, atol=1e-4, msg=name)
+    for name, value in states[0].items():  # owners: float noise may flip a weight at the pruning threshold
+        if name.startswith("owners__"):
+            assert (states[1][name] != value).float().mean() < 0.01, name

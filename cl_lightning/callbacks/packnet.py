@@ -38,7 +38,7 @@ class PackNetHost(Protocol):
     head: nn.Linear | None
 
     def prunable(self) -> Iterator[tuple[str, nn.Parameter, Tensor]]:
-        """Each prunable weight tensor: its name, the parameter and its int16 owners."""
+        """Each prunable weight tensor: its name, the parameter and its int32 owners."""
 
 
 def prune_smallest(weight: Tensor, owners: Tensor, task: int, fraction: float) -> int:

@@ -1,6 +1,6 @@
 """PackNet (Mallya & Lazebnik, CVPR 2018): several tasks packed into one network by iterative pruning.
 
-Every weight of the backbone's matrices and kernels has an owner, the task it belongs to (``owners``, an int16
+Every weight of the backbone's matrices and kernels has an owner, the task it belongs to (``owners``, an int32
 buffer per weight tensor, in the checkpoints). Task t trains the weights no earlier task kept (all of them for
 task 0); the plugin ``PackNetPruning`` (``cl_lightning/callbacks/packnet.py``) then frees a fraction of them by
 magnitude, retrains the rest with the freed ones held at zero, and from then on task t's weights never change.
@@ -56,13 +56,13 @@ class PackNet(ContinualModule):
     def build(self, info: BenchmarkInfo) -> None:
         super().build(info)
         if info.num_tasks >= FREE:
-            raise ValueError(f"PackNet keeps owners as int16: at most {FREE - 1} tasks, not {info.num_tasks}")
+            raise ValueError(f"PackNet keeps owners below {FREE}: at most {FREE - 1} tasks, not {info.num_tasks}")
         self.owner_names = [n for n, p in self.backbone.named_parameters() if p.dim() > 1]
         if not self.owner_names:
             raise ValueError(f"backbone {type(self.backbone).__name__} has no weight matrices to prune")
         params = dict(self.backbone.named_parameters())
         for name in self.owner_names:  # task 0 owns everything until it is pruned
-            self.register_buffer(owner_key(name), torch.zeros_like(params[name], dtype=torch.int16))
+            self.register_buffer(owner_key(name), torch.zeros_like(params[name], dtype=torch.int32))
 
     # ------------------------------------------------------------------ what the plugin uses
     def prunable(self) -> Iterator[tuple[str, nn.Parameter, Tensor]]:
