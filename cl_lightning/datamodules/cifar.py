@@ -101,7 +101,9 @@ class SplitCIFAR100(ContinualDataModule):
     def describe(self) -> Description:
         name = f"split_{self.dataset.lower()}"
         tasks = tuple(Task(i, f"{name}/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
-        return Description(name, tasks, input_shape=(3, 32, 32), outputs_per_task=len(self.groups[0]))
+        _, _, _, _, mean, std = LAYOUTS[self.dataset]
+        return Description(name, tasks, input_shape=(3, 32, 32), outputs_per_task=len(self.groups[0]),
+                           normalization=(mean, std))
 
     def prepare_data(self) -> None:
         for train in (True, False):
