@@ -11,7 +11,7 @@ from torch import nn
 
 from cl_lightning.datamodule import ContinualDataModule, TaskData
 from cl_lightning.methods import ContinualModule
-from cl_lightning.nets import ResNet18
+from cl_lightning.nets import MLP, ResNet18
 from cl_lightning.nets.pretrained import InputAdapter, PretrainedBackbone
 from cl_lightning.tasks import Description, Scenario, Task
 from tests.helpers.run import run_tasks
@@ -202,3 +202,46 @@ def test_two_tasks_with_a_frozen_pretrained_backbone_train_the_head_only(vit_fil
     assert model.backbone.adapter.source_mean.flatten().tolist() == pytest.approx(NORM[0])  # fit_body told it
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "after_task_1.ckpt", weights_only=False)
     assert "head.weight" in ckpt["state_dict"] and not any(k.startswith("backbone.") for k in ckpt["state_dict"])
+
+
+# ---------------------------------------------------------------------------------------- compile
+# backend aot_eager: dynamo's graph capture and AOTAutograd's forward/backward graphs, without inductor's code
+# generation (a C++ compile of about 20 s per graph on this CPU, too slow for a unit test); benchmarks/compile_check.py
+# runs the default backend (inductor).
+BACKEND = "aot_eager"
+
+
+def mlp_run(run_dir, compile, resume=False):
+    torch.manual_seed(0)
+    model, dm = bound(ContinualModule(MLP(hidden_sizes=(32,)), lr=0.01, compile=compile), Templates(noise=3.0))
+    return model, run_tasks(model, dm, run_dir, resume=resume)
+
+
+def test_compile_trains_like_the_uncompiled_model_with_the_same_state_dict_keys(tmp_path):
+    from torch._dynamo.utils import counters
+
+    plain, expected = mlp_run(tmp_path / "plain", False)
+    counters.clear()
+    compiled, result = mlp_run(tmp_path / "compiled", BACKEND)
+    assert counters["stats"]["unique_graphs"] >= 1  # the backbone did run compiled
+    assert 0.6 < result["ACC"] < 1.0  # not a trivial run
+    # float sums may be ordered otherwise in the compiled graph: at most one test image of 64 may flip
+    assert (torch.tensor(result["R"]) - torch.tensor(expected["R"])).abs().max() <= 1 / 64, (result["R"], expected["R"])
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(compiled.state_dict().values(),
+                                                                 plain.state_dict().values(), strict=True))
+    ckpt = torch.load(tmp_path / "compiled" / "checkpoints" / "after_task_1.ckpt", weights_only=False)
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+    with pytest.raises(ValueError, match="not a torch.compile backend"):
+        ContinualModule(MLP(), compile="no_such_backend").setup_tasks(Templates().info)
+
+
+def test_a_compiled_run_resumes_after_a_task_boundary_with_the_same_accuracy_matrix(tmp_path):
+    _, full = mlp_run(tmp_path / "run", BACKEND)
+    (tmp_path / "run" / "checkpoints" / "after_task_1.ckpt").unlink()
+    _, resumed = mlp_run(tmp_path / "run", BACKEND, resume=True)
+    _, plain = mlp_run(tmp_path / "plain", False)
+    (tmp_path / "plain" / "checkpoints" / "after_task_1.ckpt").unlink()
+    _, across = mlp_run(tmp_path / "plain", BACKEND, resume=True)  # an uncompiled run resumed compiled
+    assert resumed["R"] == full["R"] and len(full["R"]) == 2
+    assert (torch.tensor(across["R"]) - torch.tensor(plain["R"])).abs().max() <= 1 / 64, (across["R"], plain["R"])
