@@ -54,6 +54,8 @@ class HNET(ContinualModule):
     """
 
     supported_scenarios = frozenset(Scenario)
+    #: ``compile``: the hypernetwork (the target runs functionally on its generated weights)
+    compiled_modules = ("hypernetwork",)
 
     _target_body: nn.Module  # set in __init__, outside the module tree (the hypernetwork generates its weights)
 

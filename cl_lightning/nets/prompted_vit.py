@@ -96,6 +96,13 @@ class PromptedViT(nn.Module):
         self.vit.eval()  # frozen: no dropout / drop-path ever, as in the originals
         return self
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` (in place) on the patch embedding and every block: the methods call the model through
+        ``query`` / ``forward_prompted``, not ``forward``, and an unprefixed layer runs its block as a module."""
+        self.vit.patch_embed.compile(*args, **kwargs)
+        for block in self.vit.blocks:
+            block.compile(*args, **kwargs)
+
     def load_pretrained(self) -> None:
         """Copies timm's pretrained weights for ``name`` (or the local ``weights`` file) into the model, once."""
         if self.weights_loaded:
