@@ -65,10 +65,11 @@ def data_dir() -> str:
 
 
 def has_compile_key(method: str) -> bool:
-    from cl_lightning.config import compose
+    """Whether the method takes ``method.compile`` (every ContinualModule does since the compile option)."""
+    from cl_lightning.config import compose, import_class, signature_keys
 
     node = compose([f"method={method}"])["method"]
-    return "compile" in node or "compile" in node.get("init_args", {})
+    return "compile" in signature_keys(import_class(node["class_path"], "method"))[0]
 
 
 def family_run(method: str, extra: list[str], accelerator: str, precision: str, steps: int,

@@ -70,7 +70,8 @@ class SplitMiniImageNet(ContinualDataModule):
 
     def describe(self) -> Description:
         tasks = tuple(Task(i, "split_miniimagenet/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
-        return Description("split_miniimagenet", tasks, input_shape=(3, 84, 84), outputs_per_task=len(self.groups[0]))
+        return Description("split_miniimagenet", tasks, input_shape=(3, 84, 84), outputs_per_task=len(self.groups[0]),
+                           normalization=(MEAN, STD))
 
     def prepare_data(self) -> None:
         for split in FILES:

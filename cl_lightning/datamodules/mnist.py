@@ -105,6 +105,11 @@ class PixelScale:
             raise ValueError(f"pixels={kind!r} is not one of {PIXELS}")
         self.kind, self.mean, self.std = kind, mean, std
 
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` of the scale, as ``Description.normalization`` states it."""
+        return ((self.mean,), (self.std,)) if self.kind == "standard" else ((0.0,), (1.0,))
+
     def finish(self, x: Tensor) -> Tensor:
         """A [0, 1] float batch to this scale (after any geometric transform, so rotations pad with black)."""
         return x.sub_(self.mean).div_(self.std) if self.kind == "standard" else x
@@ -163,7 +168,8 @@ class SplitMNIST(_MNISTFamily):
 
     def describe(self) -> Description:
         tasks = tuple(Task(i, f"{self.name}/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
-        return Description(self.name, tasks, input_shape=(1, 28, 28), outputs_per_task=len(self.groups[0]))
+        return Description(self.name, tasks, input_shape=(1, 28, 28), outputs_per_task=len(self.groups[0]),
+                           normalization=self.pixel_scale.normalization)
 
     def _task_split(self, task_id: int, split: str) -> TaskData:
         x, y = self._raw(split)
@@ -205,7 +211,7 @@ class _TransformedMNIST(_MNISTFamily):
 
     def describe(self) -> Description:
         return Description(self.name, tuple(Task(i, f"{self.name}/{i}") for i in range(self.num_tasks)),
-                           input_shape=(1, 28, 28), outputs_per_task=10)
+                           input_shape=(1, 28, 28), outputs_per_task=10, normalization=self.pixel_scale.normalization)
 
     @abstractmethod
     def _transform(self, task_id: int) -> BatchTransform:

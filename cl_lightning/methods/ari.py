@@ -112,9 +112,10 @@ class ARILearner(ContinualModule):
                  memory_per_task: int = 200, finetune_steps: int = 50, finetune_batch_size: int = 10,
                  finetune_lr: float | None = None, embedding_init_std: float = 1.0, init_seed: int = 0,
                  lr: float = 1e-3, optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
-                 plugins: Sequence[ContinualCallback] | None = None):
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         super().__init__(backbone=nn.Identity(), lr=lr, optimizer=optimizer, momentum=momentum,
-                         weight_decay=weight_decay, plugins=plugins)
+                         weight_decay=weight_decay, plugins=plugins, compile=compile)
         for name, value in (("num_init_sets", num_init_sets), ("max_candidates", max_candidates),
                             ("kb_capacity", kb_capacity), ("noise_inputs", noise_inputs),
                             ("samples_per_class", samples_per_class), ("memory_per_task", memory_per_task),

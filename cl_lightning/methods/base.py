@@ -58,11 +58,15 @@ def per_task_outputs(x: Tensor, task_ids: Tensor, run: Callable[[int, Tensor], T
 
 
 def fit_body(body: nn.Module, info: BenchmarkInfo, role: str = "backbone") -> int:
-    """Sizes ``body``'s input to the benchmark's (bodies with ``set_input_size``, e.g. an MLP) and returns its
-    output width, which every head built on it needs."""
+    """Sizes ``body``'s input to the benchmark's (bodies with ``set_input_size``, e.g. an MLP), tells a pretrained
+    body the benchmark's image normalisation (``set_input_normalization``) and returns its output width, which
+    every head built on it needs."""
     set_input_size = getattr(body, "set_input_size", None)
     if set_input_size is not None:
         set_input_size(math.prod(info.input_shape))
+    set_input_normalization = getattr(body, "set_input_normalization", None)
+    if set_input_normalization is not None:
+        set_input_normalization(info.normalization, info.input_shape)
     width = getattr(body, "out_features", None)
     if width is None:
         raise ValueError(f"{role} {type(body).__name__} must expose out_features")
@@ -93,6 +97,10 @@ class ContinualModule(L.LightningModule):
         momentum: SGD momentum.
         weight_decay: L2 weight decay.
         plugins: continual-learning callbacks (EWC, replay, ...) that this method runs.
+        compile: run the modules named by ``compiled_modules`` (the backbone) through ``torch.compile`` once the
+            benchmark has sized them; ``true`` uses the default backend (inductor), a string names another
+            (``eager``, ``aot_eager``: graph capture without code generation). In place (``nn.Module.compile``),
+            so parameter names, ``state_dict`` keys and checkpoints are those of the uncompiled model.
     """
 
     #: Scenarios the method can run; others are rejected before training.
@@ -101,10 +109,12 @@ class ContinualModule(L.LightningModule):
     cumulative_data: bool = False
     #: Plugins the method cannot run without: one is added with its defaults when the config has none.
     required_plugins: ClassVar[tuple[type[ContinualCallback], ...]] = ()
+    #: Attributes whose modules ``compile`` compiles (those the method's forward calls as modules).
+    compiled_modules: ClassVar[tuple[str, ...]] = ("backbone",)
 
     def __init__(self, backbone: nn.Module | None = None, lr: float = 1e-3, optimizer: str = "adam",
                  momentum: float = 0.0, weight_decay: float = 0.0,
-                 plugins: Sequence[ContinualCallback] | None = None):
+                 plugins: Sequence[ContinualCallback] | None = None, compile: bool | str = False):
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr={lr} must be positive")
@@ -112,6 +122,10 @@ class ContinualModule(L.LightningModule):
             raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}")
         if weight_decay < 0 or momentum < 0:
             raise ValueError(f"weight_decay={weight_decay} and momentum={momentum} must not be negative")
+        if not isinstance(compile, (bool, str)) or compile == "":
+            raise ValueError(f"compile={compile!r} must be true, false or a torch.compile backend name")
+        #: The ``torch.compile`` backend, or ``None`` (not compiled).
+        self.compile_backend: str | None = "inductor" if compile is True else (compile or None)
         self.backbone = backbone if backbone is not None else MLP()
         self.lr, self.optimizer_name, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
         self.plugins: list[ContinualCallback] = list(plugins or [])
@@ -148,6 +162,7 @@ class ContinualModule(L.LightningModule):
             return
         self.info = info
         self.build(info)
+        self.compile_modules()
         for plugin in self.plugins:  # after build: a contract may name what build creates
             plugin.check_host(self)
         self.scores = TaskScores(info.num_tasks)
@@ -155,6 +170,29 @@ class ContinualModule(L.LightningModule):
     def build(self, info: BenchmarkInfo) -> None:
         """Creates the parameters that depend on the benchmark; subclasses may override."""
         self.head = nn.Linear(fit_body(self.backbone, info), info.head_width)
+
+    def setup(self, stage: str) -> None:
+        """Loads a pretrained backbone's weights (``load_pretrained``) when a fit or test starts, never when the
+        config is built."""
+        load_pretrained = getattr(self.backbone, "load_pretrained", None)
+        if load_pretrained is not None:
+            load_pretrained()
+
+    def compile_modules(self) -> list[str]:
+        """Compiles the ``compiled_modules`` that exist (an ``nn.Identity`` has nothing to compile) with the
+        ``compile`` backend, in place; returns their names."""
+        if self.compile_backend is None:
+            return []
+        if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(f"compile={self.compile_backend!r} is not a torch.compile backend: "
+                             f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
+        done = []
+        for name in self.compiled_modules:
+            module = getattr(self, name, None)
+            if isinstance(module, nn.Module) and not isinstance(module, nn.Identity):
+                module.compile(backend=self.compile_backend)
+                done.append(name)
+        return done
 
     # ------------------------------------------------------------------ forward / loss
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:

@@ -35,8 +35,9 @@ class GDumb(ContinualModule):
 
     def __init__(self, backbone: nn.Module | None = None, lr: float = 0.05, optimizer: str = "sgd",
                  momentum: float = 0.9, weight_decay: float = 1e-6, epochs: int = 30, train_batch_size: int = 16,
-                 seed: int = 0, plugins: Sequence[ContinualCallback] | None = None):
-        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins)
+                 seed: int = 0, plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
+        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins, compile=compile)
         if epochs < 1 or train_batch_size < 1:
             raise ValueError(f"epochs={epochs} and train_batch_size={train_batch_size} must be at least 1")
         found = [p for p in self.plugins if isinstance(p, RehearsalPlugin)]

@@ -54,15 +54,18 @@ class HNET(ContinualModule):
     """
 
     supported_scenarios = frozenset(Scenario)
+    #: ``compile``: the hypernetwork (the target runs functionally on its generated weights)
+    compiled_modules = ("hypernetwork",)
 
     _target_body: nn.Module  # set in __init__, outside the module tree (the hypernetwork generates its weights)
 
     def __init__(self, target: nn.Module | None = None, hypernetwork: HyperNetwork | None = None,
                  embedding_init_std: float = 1.0, task_inference: str = "auto", lr: float = 1e-3,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
-                 plugins: Sequence[ContinualCallback] | None = None):
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         super().__init__(backbone=nn.Identity(), lr=lr, optimizer=optimizer, momentum=momentum,
-                         weight_decay=weight_decay, plugins=plugins)
+                         weight_decay=weight_decay, plugins=plugins, compile=compile)
         if task_inference not in INFERENCE:
             raise ValueError(f"task_inference={task_inference!r} is not one of {list(INFERENCE)}")
         if not embedding_init_std > 0:

@@ -95,7 +95,8 @@ class HNETTIR(HNET):
                  replay_embedding_init_std: float = 1.0, encoder_hidden: Sequence[int] = (400, 400),
                  decoder_hidden: Sequence[int] = (50, 150), latent_dim: int = 100, lr: float = 1e-3,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
-                 plugins: Sequence[ContinualCallback] | None = None):
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         if task_inference not in RULES:
             raise ValueError(f"task_inference={task_inference!r} is not one of {list(RULES)}")
         if replay_hypernetwork is None:
@@ -103,7 +104,7 @@ class HNETTIR(HNET):
                                                       chunk_size=50000, chunk_embedding_dim=96, init="xavier")
         super().__init__(target=target, hypernetwork=hypernetwork, embedding_init_std=embedding_init_std,
                          task_inference="auto", lr=lr, optimizer=optimizer, momentum=momentum,
-                         weight_decay=weight_decay, plugins=plugins)
+                         weight_decay=weight_decay, plugins=plugins, compile=compile)
         self.rule = task_inference
         self.replay_model = TaskInferrer(
             backbone=task_classifier if task_classifier is not None else MLP(hidden_sizes=(400, 400)),

@@ -28,8 +28,9 @@ class ICaRL(ContinualModule):
 
     def __init__(self, backbone: nn.Module | None = None, lr: float = 1e-3, optimizer: str = "adam",
                  momentum: float = 0.0, weight_decay: float = 0.0,
-                 plugins: Sequence[ContinualCallback] | None = None):
-        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins)
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
+        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins, compile=compile)
         found = [p for p in self.plugins if isinstance(p, ICaRLExemplars)]
         if len(found) != 1:
             raise ValueError(f"plugins: ICaRL needs exactly one ICaRLExemplars plugin (got {len(found)})")

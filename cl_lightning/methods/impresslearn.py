@@ -63,10 +63,11 @@ class ImpressLearn(SupermaskModule):
                  task_inference: str = "auto", inference_steps: int = 10, inference_lr: float = 0.05,
                  output_neurons: int | None = None, inference_objective: str = "entropy", lr: float = 0.01,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
-                 plugins: Sequence[ContinualCallback] | None = None):
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         super().__init__(backbone=backbone, task_inference=task_inference, output_neurons=output_neurons,
                          inference_objective=inference_objective, lr=lr, optimizer=optimizer,
-                         momentum=momentum, weight_decay=weight_decay, plugins=plugins)
+                         momentum=momentum, weight_decay=weight_decay, plugins=plugins, compile=compile)
         if basis_kind not in BASIS_KINDS:
             raise ValueError(f"basis_kind={basis_kind!r} is not one of {BASIS_KINDS}")
         if basis_size < 1:

@@ -104,9 +104,10 @@ class MARK(ContinualModule):
                  pretrain_epochs: int = 50, mask_epochs: int = 50, kb_epochs: int = 50, final_epochs: int = 50,
                  meta_steps: int = 10, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.01,
                  outer_lr: float = 0.001, outer_weight_decay: float = 0.1,
-                 plugins: Sequence[ContinualCallback] | None = None):
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         super().__init__(backbone=nn.Identity(), lr=lr, optimizer="sgd", momentum=momentum,
-                         weight_decay=weight_decay, plugins=plugins)
+                         weight_decay=weight_decay, plugins=plugins, compile=compile)
         if kb_update not in KB_UPDATES:
             raise ValueError(f"kb_update={kb_update!r} is not one of {list(KB_UPDATES)}")
         for name, value in (("feature_epochs", feature_epochs), ("pretrain_epochs", pretrain_epochs),

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
-from cl_lightning.methods.base import ContinualModule
+from cl_lightning.methods.base import ContinualModule, fit_body
 from cl_lightning.nets.prompted_vit import PromptedViT
 from cl_lightning.tasks import BenchmarkInfo, Scenario
 
@@ -62,13 +62,14 @@ class FrozenViTModule(ContinualModule):
 
     def __init__(self, backbone: PromptedViT | None = None, lr: float = 1e-3, optimizer: str = "adam",
                  momentum: float = 0.0, weight_decay: float = 0.0,
-                 plugins: Sequence[ContinualCallback] | None = None):
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         if backbone is None:
             backbone = PromptedViT()
         if not isinstance(backbone, PromptedViT):
             raise ValueError(f"backbone: {type(self).__name__} needs a cl_lightning.nets.prompted_vit.PromptedViT, "
                              f"got {type(backbone).__name__}")
-        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins)
+        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins, compile=compile)
         self.vit: PromptedViT = backbone
 
     def setup(self, stage: str) -> None:
@@ -104,12 +105,13 @@ class PromptModule(FrozenViTModule):
 
     def __init__(self, backbone: PromptedViT | None = None, lr: float = 1e-3, optimizer: str = "adam",
                  momentum: float = 0.0, weight_decay: float = 0.0, train_mask: bool = True,
-                 plugins: Sequence[ContinualCallback] | None = None):
-        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins)
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
+        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins, compile=compile)
         self.train_mask = train_mask
 
     def build(self, info: BenchmarkInfo) -> None:
-        self.head = nn.Linear(self.vit.embed_dim, info.head_width)
+        self.head = nn.Linear(fit_body(self.vit, info), info.head_width)  # fit_body: the input adapter's side
         self.build_prompts(info)
 
     def build_prompts(self, info: BenchmarkInfo) -> None:
@@ -153,8 +155,9 @@ class L2P(PromptModule):
     def __init__(self, backbone: PromptedViT | None = None, lr: float = 0.03, optimizer: str = "adam",
                  momentum: float = 0.0, weight_decay: float = 0.0, pool_size: int = 10, prompt_length: int = 5,
                  top_k: int = 5, pull_weight: float = 0.1, balance_prompts: bool = False, train_mask: bool = True,
-                 plugins: Sequence[ContinualCallback] | None = None):
-        super().__init__(backbone, lr, optimizer, momentum, weight_decay, train_mask, plugins)
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
+        super().__init__(backbone, lr, optimizer, momentum, weight_decay, train_mask, plugins, compile=compile)
         if pool_size < 1 or prompt_length < 1 or not 1 <= top_k <= pool_size:
             raise ValueError(f"pool_size={pool_size}, prompt_length={prompt_length}, top_k={top_k}: need "
                              f"pool_size >= 1, prompt_length >= 1 and 1 <= top_k <= pool_size")
@@ -211,8 +214,9 @@ class DualPrompt(PromptModule):
                  momentum: float = 0.0, weight_decay: float = 0.0, g_layers: Sequence[int] = (0, 1),
                  e_layers: Sequence[int] = (2, 3, 4), g_length: int = 5, e_length: int = 5,
                  pool_size: int | None = None, pull_weight: float = 1.0, train_mask: bool = True,
-                 plugins: Sequence[ContinualCallback] | None = None):
-        super().__init__(backbone, lr, optimizer, momentum, weight_decay, train_mask, plugins)
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
+        super().__init__(backbone, lr, optimizer, momentum, weight_decay, train_mask, plugins, compile=compile)
         self.g_layers, self.e_layers = _check_layers("g_layers", g_layers), _check_layers("e_layers", e_layers)
         if set(self.g_layers) & set(self.e_layers):
             raise ValueError(f"g_layers={self.g_layers} and e_layers={self.e_layers} overlap")
@@ -286,11 +290,12 @@ class CODAPrompt(PromptModule):
     def __init__(self, backbone: PromptedViT | None = None, lr: float = 0.001, optimizer: str = "adam",
                  momentum: float = 0.0, weight_decay: float = 0.0, pool_size: int = 100, prompt_length: int = 8,
                  layers: Sequence[int] = (0, 1, 2, 3, 4), ortho_weight: float = 0.0, train_mask: bool = True,
-                 plugins: Sequence[ContinualCallback] | None = None):
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         if weight_decay != 0:
             raise ValueError(f"weight_decay={weight_decay}: CODA-Prompt freezes earlier tasks' components, which "
                              "weight decay would move")
-        super().__init__(backbone, lr, optimizer, momentum, weight_decay, train_mask, plugins)
+        super().__init__(backbone, lr, optimizer, momentum, weight_decay, train_mask, plugins, compile=compile)
         self.layers = _check_layers("layers", layers)
         if max(self.layers, default=-1) >= self.vit.depth or not self.layers:
             raise ValueError(f"layers={self.layers}: need at least one of the backbone's {self.vit.depth} blocks")
@@ -402,14 +407,15 @@ class SimpleCIL(FrozenViTModule):
 
     def __init__(self, backbone: PromptedViT | None = None, lr: float = 1e-3, optimizer: str = "adam",
                  momentum: float = 0.0, weight_decay: float = 0.0,
-                 plugins: Sequence[ContinualCallback] | None = None):
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         if weight_decay != 0:
             raise ValueError(f"weight_decay={weight_decay}: SimpleCIL does not train, weight decay would move its "
                              "classifier scale")
-        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins)
+        super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins, compile=compile)
 
     def build(self, info: BenchmarkInfo) -> None:
-        D = self.vit.embed_dim
+        D = fit_body(self.vit, info)
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("prototype_sums", torch.zeros(info.head_width, D, dtype=torch.float64))
         self.register_buffer("prototype_counts", torch.zeros(info.head_width, dtype=torch.float64))

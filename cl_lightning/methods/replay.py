@@ -59,9 +59,10 @@ class VAEReplayModule(ContinualModule, ABC):
     def __init__(self, backbone: nn.Module | None = None, encoder_hidden: Sequence[int] = (400, 400),
                  decoder_hidden: Sequence[int] = (400, 400), latent_dim: int = 100, lr: float = 1e-3,
                  generator_lr: float | None = None, optimizer: str = "adam", momentum: float = 0.0,
-                 weight_decay: float = 0.0, plugins: Sequence[ContinualCallback] | None = None):
+                 weight_decay: float = 0.0, plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         super().__init__(backbone=backbone, lr=lr, optimizer=optimizer, momentum=momentum,
-                         weight_decay=weight_decay, plugins=plugins)
+                         weight_decay=weight_decay, plugins=plugins, compile=compile)
         if latent_dim < 1:
             raise ValueError(f"latent_dim={latent_dim} must be positive")
         if any(h < 1 for h in [*encoder_hidden, *decoder_hidden]) or not encoder_hidden or not decoder_hidden:
@@ -197,10 +198,11 @@ class HNETR(VAEReplayModule):
                  embedding_init_std: float = 1.0, encoder_hidden: Sequence[int] = (400, 400),
                  decoder_hidden: Sequence[int] = (250, 350), latent_dim: int = 100, lr: float = 1e-3,
                  generator_lr: float | None = None, optimizer: str = "adam", momentum: float = 0.0,
-                 weight_decay: float = 0.0, plugins: Sequence[ContinualCallback] | None = None):
+                 weight_decay: float = 0.0, plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         super().__init__(backbone=backbone, encoder_hidden=encoder_hidden, decoder_hidden=decoder_hidden,
                          latent_dim=latent_dim, lr=lr, generator_lr=generator_lr, optimizer=optimizer,
-                         momentum=momentum, weight_decay=weight_decay, plugins=plugins)
+                         momentum=momentum, weight_decay=weight_decay, plugins=plugins, compile=compile)
         if hypernetwork is not None and not isinstance(hypernetwork, HyperNetwork):
             raise ValueError(f"hypernetwork: {type(hypernetwork).__name__} is not a HyperNetwork")
         if not embedding_init_std > 0:

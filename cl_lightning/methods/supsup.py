@@ -82,9 +82,11 @@ class SupermaskModule(ContinualModule, ABC):
     def __init__(self, backbone: MaskedNet | None = None, task_inference: str = "auto",
                  output_neurons: int | None = None, inference_objective: str = "entropy", lr: float = 0.01,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
-                 plugins: Sequence[ContinualCallback] | None = None):
+                 plugins: Sequence[ContinualCallback] | None = None,
+                 compile: bool | str = False):
         super().__init__(backbone=backbone if backbone is not None else MaskedLeNet300100(), lr=lr,
-                         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, plugins=plugins)
+                         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, plugins=plugins,
+                         compile=compile)
         if not isinstance(self.backbone, MaskedNet):
             raise ValueError(f"backbone={type(self.backbone).__name__} must be a MaskedNet "
                              "(e.g. cl_lightning.nets.masked.MaskedLeNet300100)")

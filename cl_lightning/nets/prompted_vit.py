@@ -20,11 +20,14 @@ config with ``pretrained: true`` builds without network (the config tests only i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cl_lightning.nets.pretrained import InputAdapter
 
 
 def _drop_frozen_weights(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -45,7 +48,9 @@ class PromptedViT(nn.Module):
         weights: a local weights file instead of the hub (timm's ``pretrained_cfg_overlay=dict(file=...)``);
             implies ``pretrained``.
         input_adapter: optional module applied to the benchmark's images first (resize / renormalise to the
-            model's input).
+            model's input); an ``InputAdapter`` (``cl_lightning.nets.pretrained``) gets the size and mean/std it
+            leaves unset from the model (its built size, timm's pretrained_cfg) and the benchmark's normalisation
+            from the method.
         model_kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``, ``depth``, ``embed_dim``,
             ``num_heads``, ``in_chans``, ...; a tiny random ViT for tests).
     """
@@ -70,6 +75,9 @@ class PromptedViT(nn.Module):
                              f"(got num_prefix_tokens={vit.num_prefix_tokens})")
         self.vit: Any = vit  # a timm VisionTransformer (Any: its submodules are read by name)
         self.input_adapter = input_adapter
+        if isinstance(input_adapter, InputAdapter):
+            cfg: dict[str, Any] = dict(getattr(vit, "pretrained_cfg", None) or {})
+            input_adapter.set_target(size=tuple(vit.patch_embed.img_size), mean=cfg.get("mean"), std=cfg.get("std"))
         for p in self.vit.parameters():
             p.requires_grad_(False)
         self.vit.eval()
@@ -88,6 +96,13 @@ class PromptedViT(nn.Module):
         self.vit.eval()  # frozen: no dropout / drop-path ever, as in the originals
         return self
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` (in place) on the patch embedding and every block: the methods call the model through
+        ``query`` / ``forward_prompted``, not ``forward``, and an unprefixed layer runs its block as a module."""
+        self.vit.patch_embed.compile(*args, **kwargs)
+        for block in self.vit.blocks:
+            block.compile(*args, **kwargs)
+
     def load_pretrained(self) -> None:
         """Copies timm's pretrained weights for ``name`` (or the local ``weights`` file) into the model, once."""
         if self.weights_loaded:
@@ -103,6 +118,13 @@ class PromptedViT(nn.Module):
             raise RuntimeError(f"backbone {self.name!r}: could not load pretrained weights from {where}: {e}") from e
         self.vit.load_state_dict(source.state_dict())
         self.weights_loaded = True
+
+    def set_input_normalization(self, normalization: tuple[Sequence[float], Sequence[float]] | None,
+                                input_shape: Sequence[int] | None = None) -> None:
+        """The benchmark's normalisation (from the method's build), passed to an adapter that takes it."""
+        hook = getattr(self.input_adapter, "set_input_normalization", None)
+        if hook is not None:
+            hook(normalization, input_shape)
 
     # ------------------------------------------------------------------ forwards
     def adapt(self, x: Tensor) -> Tensor:

@@ -1,6 +1,8 @@
-"""The reduced ResNet-18 of GEM (Lopez-Paz & Ranzato 2017) used by continual-learning papers on
-Split CIFAR: ResNet-18's layout (3x3 stem, 4 stages of 2 BasicBlocks) with ``width`` (20) channels in
-the first stage instead of 64, for 32x32 images. A backbone: the method adds its heads.
+"""The CIFAR ResNet-18s of continual learning: ResNet-18's layout for 32x32 images (3x3 stem at stride 1, no
+max-pool, 4 stages of 2 BasicBlocks, global average pool). ``ReducedResNet18`` is GEM's (Lopez-Paz & Ranzato
+2017) with ``width`` (20) channels in the first stage; ``ResNet18`` is the full one at 64-128-256-512, the
+layout of Mammoth's ``resnet18`` (DER, X-DER, ER-ACE papers): 11,173,962 parameters with a 10-class head.
+Backbones: the method adds its heads.
 
 ``running_stats=False`` makes batch norm use each batch's statistics, also at test time, and keep no
 buffers: the network is then a pure function of its parameters, which is what methods that vectorise
@@ -59,3 +61,11 @@ class ReducedResNet18(nn.Module):
             x = x.view(len(x), self.in_channels, side, side)
         x = self.blocks(F.relu(self.bn(self.stem(x))))
         return x.mean((-2, -1))
+
+
+class ResNet18(ReducedResNet18):
+    """The full CIFAR ResNet-18 (Mammoth's layout): ``ReducedResNet18`` at width 64, 11.17M parameters with a
+    10-class head (11.16M without)."""
+
+    def __init__(self, in_channels: int = 3, running_stats: bool = True):
+        super().__init__(width=64, in_channels=in_channels, running_stats=running_stats)
