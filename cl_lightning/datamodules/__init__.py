@@ -2,6 +2,7 @@
 
 from cl_lightning.datamodule import ContinualDataModule, DataError, TaskData
 from cl_lightning.datamodules.cifar import SplitCIFAR10, SplitCIFAR100
+from cl_lightning.datamodules.image_folder import ImageFolder
 from cl_lightning.datamodules.miniimagenet import SplitMiniImageNet
 from cl_lightning.datamodules.mnist import (
     DataNotFoundError,
@@ -13,6 +14,7 @@ from cl_lightning.datamodules.mnist import (
 from cl_lightning.datamodules.poly_regression import PolynomialRegression
 
 __all__ = [
-    "ContinualDataModule", "DataError", "DataNotFoundError", "PermutedMNIST", "PolynomialRegression", "RotatedMNIST",
+    "ContinualDataModule", "DataError", "DataNotFoundError", "ImageFolder", "PermutedMNIST", "PolynomialRegression",
+    "RotatedMNIST",
     "SplitCIFAR10", "SplitCIFAR100", "SplitFashionMNIST", "SplitMiniImageNet", "SplitMNIST", "TaskData",
 ]
