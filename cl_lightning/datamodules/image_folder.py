@@ -39,7 +39,7 @@ def held_out(y: Tensor, fraction: float, seed: int, stratified: bool) -> Tensor:
     test = torch.zeros(len(y), dtype=torch.bool)
     groups = [torch.nonzero(y == c).squeeze(1) for c in y.unique().tolist()] if stratified else [torch.arange(len(y))]
     for rows in groups:
-        n_test = int(round(fraction * len(rows)))
+        n_test = len(rows) - int((1.0 - fraction) * len(rows))  # L2P's split: int(0.8 * n) for training
         test[rows[torch.randperm(len(rows), generator=g)[:n_test]]] = True
     return test
 
@@ -59,7 +59,7 @@ class ImageFileBenchmark(ContinualDataModule):
                  image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
                  data_dir: str | None, batch_size: int, scenario: str, seed: int,
                  train_samples_per_task: int | None, val_fraction: float, eval_batch_size: int, augment: bool,
-                 num_workers: int, pin_memory: bool, persistent_workers: bool):
+                 num_workers: int, pin_memory: bool, persistent_workers: bool, class_tasks: bool = True):
         super().__init__(num_tasks=num_tasks, batch_size=batch_size, scenario=scenario, seed=seed,
                          train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
                          eval_batch_size=eval_batch_size, augment=augment, num_workers=num_workers,
@@ -72,11 +72,17 @@ class ImageFileBenchmark(ContinualDataModule):
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.normalize = _Normalize(self.mean, self.std)
         self.class_order = check_class_order(class_order, num_classes, seed if shuffle_classes else None)
-        self.groups = equal_class_split(self.class_order, num_tasks)
+        #: the classes of each task: a cut of the class order, or (``class_tasks=False``: tasks that differ by
+        #: their inputs, as CORe50's sessions) all of them
+        self.groups = equal_class_split(self.class_order, num_tasks) if class_tasks else \
+            [tuple(self.class_order)] * num_tasks
         self._files: dict[str, Files] = {}
 
+    def _task_name(self, task_id: int) -> str:
+        return f"{self.name}/" + "-".join(map(str, self.groups[task_id]))
+
     def describe(self) -> Description:
-        tasks = tuple(Task(i, f"{self.name}/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
+        tasks = tuple(Task(i, self._task_name(i), g) for i, g in enumerate(self.groups))
         return Description(self.name, tasks, input_shape=(3, *self.size), outputs_per_task=len(self.groups[0]),
                            normalization=(self.mean, self.std))
 
