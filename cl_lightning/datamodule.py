@@ -255,8 +255,7 @@ class ContinualDataModule(L.LightningDataModule, ABC):
         workers = self.num_workers
         return DataLoader(data, batch_size=None, sampler=sampler, num_workers=workers,
                           pin_memory=self.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=workers > 0 and persistent and self.persistent_workers,
-                          prefetch_factor=2 if workers > 0 else None)
+                          persistent_workers=workers > 0 and persistent and self.persistent_workers)
 
     def task_dataloader(self, task_id: int, split: str = "train", shuffle: bool = False,
                         batch_size: int | None = None, limit: int | None = None,

@@ -85,9 +85,14 @@ def test_worker_processes_give_the_same_batches_and_ddp_shards(tmp_path, monkeyp
         dm.setup()
         train = dm.train_dataloader()
         assert train.num_workers == workers and train.persistent_workers == (workers > 0)
-        results.append((batches(train), batches(dm.val_dataloader()[0]), [batches(d) for d in dm.test_dataloader()]))
+        dm.set_task(1, cumulative=True)  # joint training: batches mixing the files of two tasks
+        joint = batches(dm.train_dataloader())
+        dm.set_task(0)
+        results.append((batches(train), batches(dm.val_dataloader()[0]), [batches(d) for d in dm.test_dataloader()],
+                        joint))
     assert same(results[0][0], results[1][0]) and same(results[0][1], results[1][1])
     assert all(same(a, b) for a, b in zip(results[0][2], results[1][2], strict=True))
+    assert same(results[0][3], results[1][3]) and set(torch.cat([b[2] for b in results[0][3]]).tolist()) == {0, 1}
     assert [len(b[1]) for b in results[0][0]] == [4, 2] and len(results[0][1][0][1]) == 2  # 8 images, val 1/4
     # two ranks: each batch's shards, side by side, are the one-process batch
     shards = []
