@@ -9,6 +9,7 @@ import pytest
 from cl_lightning.config import CONFIG_DIR, available, compose, import_class
 from cl_lightning.experiment import build
 from cl_lightning.tasks import Scenario
+from tests.helpers.image_folders import WITHOUT_DATA
 
 
 def built(*overrides: str):
@@ -31,10 +32,6 @@ def test_every_method_config_builds(name):
     supported = import_class(node["class_path"], "method").supported_scenarios
     scenario = Scenario.TASK_IL if Scenario.TASK_IL in supported else sorted(supported, key=str)[0]
     assert built(f"method={name}", f"benchmark.scenario={scenario.value}")["method_name"] == name
-
-
-#: Benchmarks that learn their size from their data folder unless told it (none here: data_dir is nonexistent).
-WITHOUT_DATA = {"image_folder": ["benchmark.num_classes=10"]}
 
 
 @pytest.mark.parametrize("name", available("benchmark"))

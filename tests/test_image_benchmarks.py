@@ -214,7 +214,7 @@ def test_core50_nc_and_ni_protocols(tmp_path):
     assert all(Path(p).parts[-2] == f"o{c + 1}" for p, c in zip(train.paths, train.y.tolist(), strict=True))
     ni = CORe50(protocol="ni", data_dir=str(data_dir), image_size=8, download=False)
     assert ni.info.num_tasks == 8 and ni.info.outputs_per_task == 50 and ni.scenario.value == "domain"
-    assert [t.name for t in ni.tasks][:3] == ["core50/s1", "core50/s2", "core50/s4"]
+    assert [t.name for t in ni.tasks][:3] == ["core50_ni/s1", "core50_ni/s2", "core50_ni/s4"]
     ni.setup()
     t5 = ni.split(5, "train")  # session 8
     assert len(t5) == 50 and {Path(p).parts[-3] for p in t5.paths} == {"s8"}

@@ -86,6 +86,7 @@ class CORe50(ImageFileBenchmark):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol={protocol!r} is not one of {PROTOCOLS}")
         self.protocol = protocol
+        self.name = "core50" if protocol == "nc" else "core50_ni"  # as the config files
         self.train_sessions = _sessions(train_sessions, "train_sessions")
         self.test_sessions = _sessions(test_sessions, "test_sessions")
         if set(self.train_sessions) & set(self.test_sessions):
@@ -109,7 +110,7 @@ class CORe50(ImageFileBenchmark):
 
     def _task_name(self, task_id: int) -> str:
         if self.protocol == "ni":
-            return f"core50/s{self.train_sessions[task_id]}"
+            return f"{self.name}/s{self.train_sessions[task_id]}"
         return super()._task_name(task_id)
 
     def train_augmentation(self) -> BatchAugmentation | None:

@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+#: Overrides that build a benchmark which otherwise learns its size from its data folder, with no data there.
+WITHOUT_DATA = {"image_folder": ["benchmark.num_classes=10"]}
+
 
 def save_image(path: Path, label: int, rng: np.random.Generator, size: tuple[int, int] = (12, 10)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
