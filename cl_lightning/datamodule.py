@@ -1,7 +1,9 @@
 """The shared base of every benchmark: a LightningDataModule that serves one task at a time.
 
 Data of a task lives as tensors; batches are cut by index tensors (no per-sample collate, no worker
-processes), which keeps MNIST-scale benchmarks close to a plain PyTorch loop. Sharding across ranks is
+processes), which keeps MNIST-scale benchmarks close to a plain PyTorch loop. Data sets too large for memory
+hold image files instead (:class:`~cl_lightning.image_files.ImageFiles`): the same index tensors, decoded in
+DataLoader worker processes; :meth:`ContinualDataModule._loader` is where that is decided. Sharding across ranks is
 done here rather than by Lightning's DistributedSampler so that a global batch is the same set of
 samples whatever the number of processes: 2 ranks see exactly the halves of the 1-rank batch.
 """
@@ -27,8 +29,15 @@ class DataError(RuntimeError):
     file and what to do."""
 
 
+class DataNotFoundError(DataError, FileNotFoundError):
+    """The data set is neither on disk nor downloadable; the message says where to put it."""
+
+
 class TaskData(Dataset):
     """One split of one task. Indexed with a tensor of indices, it returns a whole batch ``(x, y, t)``."""
+
+    #: Whether indexing reads files (then the loader decodes batches in worker processes).
+    reads_files = False
 
     def __init__(self, x: Tensor, y: Tensor, task_id: int, transform: BatchTransform | None = None):
         if len(x) != len(y):
@@ -44,6 +53,10 @@ class TaskData(Dataset):
             x = self.transform(x)
         return x, self.y[idx], torch.full((len(idx),), self.task_id, dtype=torch.long)
 
+    def subset(self, idx: Tensor) -> TaskData:
+        """The samples at ``idx``, same task and transform."""
+        return TaskData(self.x[idx], self.y[idx], self.task_id, self.transform)
+
 
 class ConcatTaskData(Dataset):
     """Several tasks served as one (joint training); a batch may mix tasks, each row keeps its id."""
@@ -51,6 +64,7 @@ class ConcatTaskData(Dataset):
     def __init__(self, parts: Sequence[TaskData]):
         self.parts = list(parts)
         self.offsets = torch.tensor([0] + [len(p) for p in self.parts]).cumsum(0)
+        self.reads_files = any(p.reads_files for p in self.parts)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -118,7 +132,8 @@ class ContinualDataModule(L.LightningDataModule, ABC):
 
     def __init__(self, num_tasks: int, batch_size: int = 128, scenario: str = "task", seed: int = 0,
                  train_samples_per_task: int | None = None, val_fraction: float = 0.0,
-                 eval_batch_size: int = 1000, augment: bool = True):
+                 eval_batch_size: int = 1000, augment: bool = True, num_workers: int = 0,
+                 pin_memory: bool = False, persistent_workers: bool = False):
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks={num_tasks} must be at least 1")
@@ -130,7 +145,13 @@ class ContinualDataModule(L.LightningDataModule, ABC):
             raise ValueError(f"train_samples_per_task={train_samples_per_task} must be at least 1 (or null)")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must not be negative")
         self.num_tasks = num_tasks
+        #: Worker processes that decode batches of file-backed data (0: in this process); in-memory data
+        #: never uses workers. ``pin_memory`` (on a CUDA machine) and ``persistent_workers`` (for the current
+        #: task's train and val loaders) are DataLoader's options.
+        self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
         self.batch_size = batch_size
         self.scenario = Scenario.parse(scenario)
         self.seed = seed
@@ -208,7 +229,7 @@ class ContinualDataModule(L.LightningDataModule, ABC):
                 if self.train_samples_per_task is not None:
                     train_idx = train_idx[: self.train_samples_per_task]
                 for name, idx in (("train", train_idx.sort().values), ("val", val_idx.sort().values)):
-                    self._splits[(task_id, name)] = TaskData(full.x[idx], full.y[idx], task_id, full.transform)
+                    self._splits[(task_id, name)] = full.subset(idx)
         return self._splits[key]
 
     def _rank_and_world(self) -> tuple[int, int]:
@@ -218,36 +239,45 @@ class ContinualDataModule(L.LightningDataModule, ABC):
         return trainer.global_rank, trainer.world_size
 
     def _loader(self, data: TaskData | ConcatTaskData, batch_size: int, shuffle: bool,
-                equal_shards: bool) -> DataLoader:
+                equal_shards: bool, persistent: bool = False) -> DataLoader:
+        """This rank's batches of ``data``. The one place that decides how batches are made: in-memory data is
+        cut in this process; file-backed data is decoded by ``num_workers`` worker processes, each handed a
+        whole index tensor of the same sampler, so batches (and DDP shards, and resumes) are the same
+        whatever the number of workers. ``persistent``: a loader iterated every epoch (train, val)."""
         rank, world = self._rank_and_world()
         if equal_shards and batch_size % world:
             raise ValueError(f"batch_size={batch_size} is the global batch and must divide by the "
                              f"{world} processes")
         sampler = ShardedBatchSampler(len(data), batch_size, shuffle=shuffle, seed=torch.initial_seed(),
                                       rank=rank, world_size=world, equal_shards=equal_shards)
-        return DataLoader(data, batch_size=None, sampler=sampler)
+        if not data.reads_files:
+            return DataLoader(data, batch_size=None, sampler=sampler)
+        workers = self.num_workers
+        return DataLoader(data, batch_size=None, sampler=sampler, num_workers=workers,
+                          pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=workers > 0 and persistent and self.persistent_workers)
 
     def task_dataloader(self, task_id: int, split: str = "train", shuffle: bool = False,
-                        batch_size: int | None = None, limit: int | None = None) -> DataLoader:
+                        batch_size: int | None = None, limit: int | None = None,
+                        persistent: bool = False) -> DataLoader:
         """This rank's share of one task's split (its first ``limit`` samples), for between-task work.
 
         Ranks share each batch, so the union over ranks is the same whatever their number."""
         data = self.split(task_id, split)
         if limit is not None and limit < len(data):
-            idx = torch.arange(limit)
-            data = TaskData(data.x[idx], data.y[idx], task_id, data.transform)
-        return self._loader(data, batch_size or self.eval_batch_size, shuffle, False)
+            data = data.subset(torch.arange(limit))
+        return self._loader(data, batch_size or self.eval_batch_size, shuffle, False, persistent)
 
     def train_dataloader(self) -> DataLoader:
         tasks = range(self.current_task + 1) if self.cumulative else [self.current_task]
         parts = [self.split(t, "train") for t in tasks]
         data = parts[0] if len(parts) == 1 else ConcatTaskData(parts)
-        return self._loader(data, self.batch_size, shuffle=True, equal_shards=True)
+        return self._loader(data, self.batch_size, shuffle=True, equal_shards=True, persistent=True)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.val_fraction == 0:
             return []
-        return [self.task_dataloader(self.current_task, "val")]
+        return [self.task_dataloader(self.current_task, "val", persistent=True)]
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self.task_dataloader(t, "test") for t in range(self.num_tasks)]

@@ -9,6 +9,7 @@ import pytest
 from cl_lightning.config import CONFIG_DIR, available, compose, import_class
 from cl_lightning.experiment import build
 from cl_lightning.tasks import Scenario
+from tests.helpers.image_folders import WITHOUT_DATA
 
 
 def built(*overrides: str):
@@ -35,7 +36,7 @@ def test_every_method_config_builds(name):
 
 @pytest.mark.parametrize("name", available("benchmark"))
 def test_every_benchmark_config_builds_with_fine_tuning(name):
-    assert built(f"benchmark={name}", "method=finetune")["benchmark_name"] == name
+    assert built(f"benchmark={name}", "method=finetune", *WITHOUT_DATA.get(name, []))["benchmark_name"] == name
 
 
 def test_the_config_folder_is_the_repository_one():

@@ -12,13 +12,14 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 
 from cl_lightning.config import available, compose, instantiate
 from cl_lightning.outputs import draw_heatmap, heatmap_figure, heatmap_title, log_final, log_task_row
+from tests.helpers.image_folders import WITHOUT_DATA
 
 matplotlib.use("Agg")
 
 
 @pytest.mark.parametrize("name", available("benchmark"))
 def test_a_benchmark_is_named_as_its_config_file(name):
-    info = instantiate(compose([f"benchmark={name}"])["benchmark"], "benchmark").info
+    info = instantiate(compose([f"benchmark={name}", *WITHOUT_DATA.get(name, [])])["benchmark"], "benchmark").info
     assert info.name == name
     assert all(task.name.startswith(f"{name}/") for task in info.tasks)
 

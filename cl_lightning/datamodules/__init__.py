@@ -2,6 +2,9 @@
 
 from cl_lightning.datamodule import ContinualDataModule, DataError, TaskData
 from cl_lightning.datamodules.cifar import SplitCIFAR10, SplitCIFAR100
+from cl_lightning.datamodules.core50 import CORe50
+from cl_lightning.datamodules.image_folder import ImageFolder
+from cl_lightning.datamodules.imagenet_r import ImageNetR
 from cl_lightning.datamodules.miniimagenet import SplitMiniImageNet
 from cl_lightning.datamodules.mnist import (
     DataNotFoundError,
@@ -11,8 +14,10 @@ from cl_lightning.datamodules.mnist import (
     SplitMNIST,
 )
 from cl_lightning.datamodules.poly_regression import PolynomialRegression
+from cl_lightning.datamodules.tinyimagenet import SeqTinyImageNet
 
 __all__ = [
-    "ContinualDataModule", "DataError", "DataNotFoundError", "PermutedMNIST", "PolynomialRegression", "RotatedMNIST",
-    "SplitCIFAR10", "SplitCIFAR100", "SplitFashionMNIST", "SplitMiniImageNet", "SplitMNIST", "TaskData",
+    "CORe50", "ContinualDataModule", "DataError", "DataNotFoundError", "ImageFolder", "ImageNetR", "PermutedMNIST",
+    "PolynomialRegression", "RotatedMNIST", "SeqTinyImageNet", "SplitCIFAR10", "SplitCIFAR100", "SplitFashionMNIST",
+    "SplitMiniImageNet", "SplitMNIST", "TaskData",
 ]

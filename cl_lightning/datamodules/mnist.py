@@ -21,12 +21,9 @@ from torch import Tensor
 from torchvision.transforms.functional import InterpolationMode, rotate
 
 from cl_lightning.datamodule import BatchTransform, ContinualDataModule, DataError, TaskData
+from cl_lightning.datamodule import DataNotFoundError as DataNotFoundError  # its home before datamodule.py
 from cl_lightning.datamodules.class_split import check_class_order, equal_class_split, split_by_classes
 from cl_lightning.tasks import Description, Scenario, Task
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-    """The data set is neither on disk nor downloadable; the message says where to put it."""
 
 
 def default_data_dir() -> str:
