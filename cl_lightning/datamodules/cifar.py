@@ -85,6 +85,8 @@ class SplitCIFAR100(ContinualDataModule):
 
     dataset = "CIFAR100"
     num_classes = 100
+    #: The name runs and reports use (default ``split_<dataset>``); a variant's config file name.
+    benchmark_name: str | None = None
 
     def __init__(self, num_tasks: int = 20, class_order: list[int] | None = None, shuffle_classes: bool = False,
                  data_dir: str | None = None, download: bool = True, batch_size: int = 128,
@@ -103,7 +105,7 @@ class SplitCIFAR100(ContinualDataModule):
         self._data: dict[str, tuple[Tensor, Tensor]] = {}
 
     def describe(self) -> Description:
-        name = f"split_{self.dataset.lower()}"
+        name = self.benchmark_name or f"split_{self.dataset.lower()}"
         tasks = tuple(Task(i, f"{name}/" + "-".join(map(str, g)), g) for i, g in enumerate(self.groups))
         return Description(name, tasks, input_shape=(3, 32, 32), outputs_per_task=len(self.groups[0]),
                            normalization=(self.mean, self.std))
@@ -142,3 +144,10 @@ class SplitCIFAR10(SplitCIFAR100):
                          data_dir=data_dir, download=download, batch_size=batch_size, scenario=scenario, seed=seed,
                          train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
                          eval_batch_size=eval_batch_size, augment=augment)
+
+
+class SeqCIFAR10(SplitCIFAR10):
+    """Mammoth's Seq-CIFAR-10: Split-CIFAR-10 named as its own benchmark (its runs and reports apart from
+    ``split_cifar10``'s); its config sets class-IL and Mammoth's batch of 32."""
+
+    benchmark_name = "seq_cifar10"
