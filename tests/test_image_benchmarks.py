@@ -148,6 +148,7 @@ def test_tiny_imagenet_layout_download_and_missing_files(tmp_path, monkeypatch):
     assert dm.info.num_tasks == 10 and dm.info.outputs_per_task == 20 and dm.info.input_shape == (3, 8, 8)
     aug = dm.train_augmentation()
     assert isinstance(aug, RandomCropFlip) and aug.padding == 8
+    assert dm.tasks[1].name == "seq_tinyimagenet/task1" and dm.tasks[1].classes == tuple(range(20, 40))
     assert SeqTinyImageNet(data_dir=str(data_dir), augment=False).train_augmentation() is None
     dm.setup()
     train, test = dm.split(3, "train"), dm.split(3, "test")
@@ -206,6 +207,7 @@ def test_core50_nc_and_ni_protocols(tmp_path):
     data_dir = fake_core50(tmp_path / "data")
     nc = CORe50(data_dir=str(data_dir), image_size=8, num_workers=0, download=False)
     assert nc.info.num_tasks == 10 and nc.info.outputs_per_task == 5 and nc.scenario.value == "class"
+    assert nc.tasks[1].name == "core50/5-6-7-8-9"
     nc.setup()
     train, test = nc.split(2, "train"), nc.split(2, "test")
     assert len(train) == 5 * 8 and len(test) == 5 * 3 and sorted(set(train.y.tolist())) == list(range(10, 15))

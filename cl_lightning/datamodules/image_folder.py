@@ -79,7 +79,10 @@ class ImageFileBenchmark(ContinualDataModule):
         self._files: dict[str, Files] = {}
 
     def _task_name(self, task_id: int) -> str:
-        return f"{self.name}/" + "-".join(map(str, self.groups[task_id]))
+        """Its classes, as Split-CIFAR's tasks, up to 5 (more would fill the terminal's tables); else its number
+        (the classes are in :attr:`Task.classes`)."""
+        group = self.groups[task_id]
+        return f"{self.name}/" + ("-".join(map(str, group)) if len(group) <= 5 else f"task{task_id}")
 
     def describe(self) -> Description:
         tasks = tuple(Task(i, self._task_name(i), g) for i, g in enumerate(self.groups))
