@@ -7,8 +7,8 @@ network's outputs at insertion time. Two ways to fill it:
 - **reservoir** (:meth:`RehearsalMemory.add_reservoir`): every sample of the stream has the same chance
   ``size / seen`` to be in the memory (Vitter's algorithm R), decided sample by sample;
 - **balanced** (:meth:`RehearsalMemory.set_group`): at a task's end the budget is split equally between
-  groups (classes or tasks); each group keeps the first samples of its priority order, so shrinking a
-  group keeps its best (iCaRL's herding order) or a random subset (a random order).
+  groups (classes, a class being a label of one task, or tasks); each group keeps the first samples of its
+  priority order, so shrinking a group keeps its best (iCaRL's herding order) or a random subset (a random order).
 
 Every decision comes from the memory's own seeded generator, never from the rank or the global RNG, so
 DDP ranks that see the same stream hold bitwise the same memory. Draws of replay batches use a second
@@ -23,6 +23,18 @@ import torch
 from torch import Tensor
 
 FIELDS = ("x", "y", "t", "logits")
+#: Class groups are (task, label) pairs, ``t * CLASS_STRIDE + y``: in task- and domain-IL every task reuses the
+#: labels 0..k-1, and each task's classes still get their own share of the budget.
+CLASS_STRIDE = 1 << 20
+
+
+def group_keys(by: str, y: Tensor, t: Tensor) -> Tensor:
+    """The balancing group of each sample: its class (``class``: the pair task, label) or its task (``task``)."""
+    if by == "class":
+        return t.long() * CLASS_STRIDE + y.long()
+    if by == "task":
+        return t.long()
+    raise ValueError(f"balance={by!r} is not 'class' or 'task'")
 
 
 class RehearsalMemory:
@@ -98,22 +110,22 @@ class RehearsalMemory:
 
     # ------------------------------------------------------------------ balanced
     def groups(self, by: str) -> Tensor:
-        """The group of every stored sample: its label (``class``) or its task (``task``)."""
-        return self.data["y" if by == "class" else "t"]
+        """The group of every stored sample (:func:`group_keys`)."""
+        return group_keys(by, self.data["y"], self.data["t"])
 
     def set_group(self, by: str, new: dict[str, Tensor]) -> None:
         """Adds samples of new groups (each in its priority order, best first) and splits the budget equally
         between all groups: ``size // groups`` each, the remainder one extra to the earliest groups."""
-        key = "y" if by == "class" else "t"
         parts: dict[int, dict[str, Tensor]] = {}
         if self.data:
-            old = self.data[key]
+            old = self.groups(by)
             for g in old.unique().tolist():
                 parts[g] = {k: v[old == g] for k, v in self.data.items()}
-        for g in new[key].unique().tolist():
+        keys = group_keys(by, new["y"], new["t"])
+        for g in keys.unique().tolist():
             if g in parts:
                 raise ValueError(f"group {g} is already in the memory")
-            parts[g] = {k: v[new[key] == g] for k, v in new.items()}
+            parts[g] = {k: v[keys == g] for k, v in new.items()}
         quotas = self.quotas(list(parts))
         kept = [{k: v[: quotas[g]] for k, v in parts[g].items()} for g in sorted(parts)]
         self.data = {k: torch.cat([p[k] for p in kept]) for k in kept[0]}

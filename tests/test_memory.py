@@ -69,6 +69,17 @@ def test_balanced_groups_split_the_budget_and_keep_the_first_of_each_order():
         by_task.set_group("task", second)
 
 
+def test_class_groups_are_a_tasks_labels_so_task_il_tasks_reusing_labels_each_get_their_share():
+    """Task-IL Split-MNIST labels every task 0/1: balancing by label alone would merge (or refuse) them."""
+    mem = RehearsalMemory(8, seed=0)
+    for task in range(2):
+        mem.set_group("class", {"x": 10 * task + torch.arange(10.0).unsqueeze(1), "y": torch.tensor([0, 1] * 5),
+                                "t": torch.full((10,), task)})
+    pairs = torch.stack([mem.data["t"], mem.data["y"]], 1).tolist()
+    assert sorted(map(tuple, pairs)) == [(0, 0)] * 2 + [(0, 1)] * 2 + [(1, 0)] * 2 + [(1, 1)] * 2
+    assert mem.data["x"][(mem.data["t"] == 1) & (mem.data["y"] == 0), 0].tolist() == [10, 12]
+
+
 def test_draws_are_seeded_and_the_state_round_trips():
     mem = RehearsalMemory(20, seed=5)
     mem.add_reservoir(stream(50))

@@ -27,6 +27,7 @@ from cl_lightning.callback import TaskLoss
 from cl_lightning.callbacks.lwf import raw_outputs
 from cl_lightning.callbacks.rehearsal import RehearsalPlugin
 from cl_lightning.datamodule import benchmark_of
+from cl_lightning.memory import group_keys
 
 if TYPE_CHECKING:
     from cl_lightning.methods.base import ContinualModule
@@ -120,12 +121,13 @@ class ICaRLExemplars(RehearsalPlugin):
         x, _, _ = data[torch.arange(len(data))]
         feats = normalized_features(module, x.to(module.device))
         labels = data.y.unique().tolist()
+        keys = group_keys("class", torch.tensor(labels), torch.full((len(labels),), task_id)).tolist()
         groups = self.memory.groups("class").unique().tolist() if not self.memory.is_empty else []
-        quotas = self.memory.quotas(sorted(set(groups) | set(labels)))
+        quotas = self.memory.quotas(sorted(set(groups) | set(keys)))
         order = []
-        for c in labels:
+        for c, key in zip(labels, keys, strict=True):
             rows = (data.y == c).nonzero().squeeze(1)
-            order.append(rows[herding_order(feats[rows.to(feats.device)], quotas[c]).to(rows.device)])
+            order.append(rows[herding_order(feats[rows.to(feats.device)], quotas[key]).to(rows.device)])
         self.insert_task(trainer, module, task_id, torch.cat(order))
         self.update_means(module)
 

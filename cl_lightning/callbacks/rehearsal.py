@@ -27,7 +27,7 @@ from torch import Tensor
 
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.datamodule import benchmark_of
-from cl_lightning.memory import RehearsalMemory
+from cl_lightning.memory import RehearsalMemory, group_keys
 
 if TYPE_CHECKING:
     from cl_lightning.methods.base import ContinualModule
@@ -104,7 +104,7 @@ class RehearsalPlugin(ContinualCallback):
         data = benchmark_of(trainer).split(task_id, "train")
         if order is None:
             order = torch.randperm(len(data), generator=self.memory.insert_gen)
-        keys = data.y[order] if self.balance == "class" else torch.full((len(order),), task_id)
+        keys = group_keys(self.balance, data.y[order], torch.full((len(order),), task_id))
         old = self.memory.groups(self.balance).unique().tolist() if not self.memory.is_empty else []
         quotas = self.memory.quotas(sorted(set(old) | set(keys.unique().tolist())))
         chosen = torch.cat([order[keys == g][: quotas[g]] for g in keys.unique().tolist()])
