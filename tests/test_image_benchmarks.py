@@ -74,6 +74,9 @@ def test_image_folder_splits_classes_and_holds_out_a_seeded_share_of_each(tmp_pa
     with pytest.raises(DataNotFoundError, match="nowhere"):
         ImageFolder(root=str(tmp_path / "nowhere"))
     assert ImageFolder(root=str(tmp_path / "nowhere"), num_classes=10).info.num_tasks == 5  # builds without data
+    # a user's photos train with random resized crops and flips, unless augment=false
+    assert isinstance(ImageFolder(root=str(root), num_tasks=2).train_augmentation(), RandomResizedCropFlip)
+    assert ImageFolder(root=str(root), num_tasks=2, augment=False).train_augmentation() is None
 
 
 def test_worker_processes_give_the_same_batches_and_ddp_shards(tmp_path, monkeypatch):

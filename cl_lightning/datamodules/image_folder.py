@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cl_lightning.augment import BatchAugmentation, RandomResizedCropFlip
 from cl_lightning.datamodule import ContinualDataModule, DataNotFoundError, TaskData
 from cl_lightning.datamodules.cifar import _Normalize
 from cl_lightning.datamodules.class_split import check_class_order, equal_class_split, split_by_classes
@@ -191,3 +192,8 @@ class ImageFolder(ImageFileBenchmark):
             paths += found
             labels += [ids[name]] * len(found)
         return as_files(paths, labels)
+
+    def train_augmentation(self) -> BatchAugmentation | None:
+        """Random resized crop and flip, as ImageNet-R's and CORe50's references train (a user's photos are
+        most often that kind of data); ``augment=false`` for data where it does not fit."""
+        return RandomResizedCropFlip() if self.augment else None
