@@ -70,3 +70,13 @@ def test_every_method_default_runs(method, tiny_mnist, tmp_path):
     R = np.asarray(metrics["R"])
     assert R.shape == (5, 5) and np.isfinite(R).all(), metrics["R"]
     assert math.isfinite(metrics["ACC"])
+
+
+def test_the_defaults_table_runs_each_method_where_a_user_first_would():
+    """benchmarks/defaults.py: Split-MNIST in the method's first scenario, Permuted-MNIST too for domain-IL ones;
+    every method config but the controls is in the table."""
+    from benchmarks.defaults import CONTROLS, method_names, settings
+
+    assert settings("ewc") == [("split_mnist", "task")] and settings("icarl") == [("split_mnist", "class")]
+    assert settings("hnet_tir") == [("split_mnist", "domain"), ("permuted_mnist", "domain")]
+    assert set(method_names()) | set(CONTROLS) == set(available("method", CONFIG_DIR))
