@@ -1,7 +1,7 @@
 """Parameter isolation: HAT (unit masks from task embeddings, gradients of old units masked) and PackNet (weights
 pruned and frozen per task). Each is checked on its mechanism (old outputs unchanged, masked gradients zero,
 frozen weights bitwise, exact pruning) and against fine-tuning on the same small task-IL Permuted-MNIST (ACC and
-BWT); a run killed inside a task resumes to the same R; PackNet on 2 DDP processes matches 1 process."""
+BWT); a run killed inside a task resumes to the same R; HAT and PackNet on 2 DDP processes match 1 process."""
 
 from __future__ import annotations
 
@@ -235,3 +235,14 @@ def test_packnet_ddp_two_cpu_processes_match_one(mnist_root, tmp_path):
     for name, value in states[0].items():  # owners: float noise may flip a weight at the pruning threshold
         if name.startswith("owners__"):
             assert (states[1][name] != value).float().mean() < 0.01, name
+
+
+def test_hat_ddp_two_cpu_processes_match_one(mnist_root, tmp_path):
+    """HAT's gradient gating, compensation and clamp act on the all-reduced gradients: 2 processes give 1's R."""
+    args = ["method=hat", "benchmark=split_mnist", "benchmark.scenario=task", "trainer.max_epochs=3", "method.lr=0.2"]
+    one = train_py([*args, "trainer.devices=1"], tmp_path / "one", mnist_root, threads=1)
+    two = train_py([*args, "trainer.strategy=ddp", "trainer.devices=2"], tmp_path / "two", mnist_root)
+    R1, R2 = torch.tensor(one["R"]), torch.tensor(two["R"])
+    assert R1.shape == (2, 2) and (R1.diag() > 0.5).all(), R1  # 24 steps on 5 digits a task; chance is 0.2
+    assert torch.allclose(R1, R2, atol=0.02), (R1, R2)
+    assert R2[1, 0] == R2[0, 0]  # task 0's units are protected on 2 processes too
