@@ -320,7 +320,7 @@ class ARILearner(ContinualModule):
             raise RuntimeError("no exploration step was recorded for this task")
         wrong = torch.stack(self.explore_wrong).float()
         count = torch.tensor(self.explore_count, dtype=torch.float, device=wrong.device)
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         if trainer is not None and trainer.world_size > 1:
             wrong = trainer.strategy.reduce(wrong, reduce_op="sum")
             count = trainer.strategy.reduce(count, reduce_op="sum")

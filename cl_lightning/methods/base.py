@@ -183,9 +183,9 @@ class ContinualModule(L.LightningModule):
         ``compile`` backend, in place; returns their names."""
         if self.compile_backend is None:
             return []
-        if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        if self.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
             raise ValueError(f"compile={self.compile_backend!r} is not a torch.compile backend: "
-                             f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
+                             f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}")
         done = []
         for name in self.compiled_modules:
             module = getattr(self, name, None)
@@ -249,7 +249,7 @@ class ContinualModule(L.LightningModule):
         ``salt`` (0: the stream's batch, 1: a replay batch), drawn for the global batch of ``global_n`` samples
         (default: this rank's share times the processes) of which this rank takes its share: resume and DDP
         augment every sample as the uninterrupted single-process run does."""
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         datamodule = getattr(trainer, "datamodule", None)
         augmentation = getattr(datamodule, "train_augmentation", lambda: None)()
         if augmentation is None or trainer is None:
@@ -288,12 +288,24 @@ class ContinualModule(L.LightningModule):
             self.log("step", float(self.steps_before_task + self.global_step))
         return total
 
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer running this module, or ``None`` outside a fit or test (Lightning's public ``trainer``
+        property raises then; its private ``_trainer`` is not ours to read)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def _should_log(self) -> bool:
-        trainer = self._trainer
+        """Whether this training step is one Lightning writes to the loggers (every ``log_every_n_steps``-th
+        batch), so the other steps skip the cost of ``self.log``. Counted from the fit loop's public batch
+        progress (batches started in this fit, restored on resume): the count Lightning's logger connector uses,
+        batches that stepped, is the same without gradient accumulation, which no config sets."""
+        trainer = self.attached_trainer()
         if trainer is None or not trainer.loggers:
             return False
         every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's logger connector
-        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
+        return trainer.fit_loop.epoch_loop.batch_progress.total.ready % every == 0
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         x, y, t = batch

@@ -313,7 +313,8 @@ class MARK(ContinualModule):
         """Dropout keep-mask of this rank's rows of the global batch, from a seeded generator."""
         if self.dropout == 0:
             return None
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
+        trainer = self.attached_trainer()
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         g = torch.Generator().manual_seed(_seed(self.run_seed, 7, self.current_epoch, batch_idx))
         u = torch.rand(rows * world, self.latent_dim, generator=g)[rank * rows:(rank + 1) * rows]
         return (u >= self.dropout).float().to(self.device)
@@ -361,11 +362,12 @@ class MARK(ContinualModule):
 
     def _average_over_ranks(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """Mean over DDP ranks (equal shards: the gradient of the global batch's mean loss)."""
-        if self._trainer is None or self.trainer.world_size < 2:
+        trainer = self.attached_trainer()
+        if trainer is None or trainer.world_size < 2:
             return list(grads)
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
-        flat /= self.trainer.world_size
+        flat /= trainer.world_size
         out, offset = [], 0
         for g in grads:
             out.append(flat[offset: offset + g.numel()].view_as(g))
