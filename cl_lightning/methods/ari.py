@@ -271,6 +271,14 @@ class ARILearner(ContinualModule):
         e = torch.randn(count, self.knowledge_base.embedding_dim, generator=g) * self.embedding_init_std
         return e.to(self.kb_embeddings.device)
 
+    def fit_estimator(self, ari: Tensor, param_sigs: Tensor, task_sigs: Tensor, steps: int, lr: float,
+                      weight_decay: float = 0.0) -> float:
+        """Fits ``q`` to the observed ARIs (``ARIEstimator.fit``); from then on it ranks the sets. Returns the
+        final training MSE."""
+        mse = self.estimator.fit(ari, param_sigs, task_sigs, steps, lr, weight_decay)
+        self.estimator_fitted.fill_(True)
+        return mse
+
     def use_estimator(self) -> bool:
         return self.selection == "estimator" and bool(self.estimator_fitted)
 

@@ -8,8 +8,9 @@ per-task evaluation that fills a row of the accuracy matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import lightning as L
 import torch
@@ -21,6 +22,31 @@ from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.metrics import TaskScores
 from cl_lightning.nets import MLP
 from cl_lightning.tasks import BenchmarkInfo, Scenario
+
+P = TypeVar("P", bound=ContinualCallback)
+
+
+@dataclass(frozen=True)
+class RequiredPlugin:
+    """A plugin a method cannot run without, in its ``required_plugins`` (a bare class there means
+    ``RequiredPlugin(cls)``).
+
+    Args:
+        plugin: the plugin class (a subclass of it counts).
+        add_default: add one, built with ``settings``, when the config gives none; ``False``: the config must give
+            one (its settings are the method's main choice, as iCaRL's memory budget).
+        settings: attribute values the plugin must have (GDumb's memory: ``insertion: task_end``,
+            ``balance: class``).
+    """
+
+    plugin: type[ContinualCallback]
+    add_default: bool = True
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        extra = " and ".join(f"{k}: {v}" for k, v in self.settings.items())
+        return self.plugin.__name__ + (f" with {extra}" if extra else "")
+
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 #: Devices whose floating-point parameters torch's fused optimizer kernels take.
@@ -107,8 +133,9 @@ class ContinualModule(L.LightningModule):
     supported_scenarios: frozenset[Scenario] = frozenset(Scenario)
     #: Train stage t on tasks 0..t instead of task t alone (joint training).
     cumulative_data: bool = False
-    #: Plugins the method cannot run without: one is added with its defaults when the config has none.
-    required_plugins: ClassVar[tuple[type[ContinualCallback], ...]] = ()
+    #: Plugins the method cannot run without (classes or ``RequiredPlugin``): one is added with its defaults when
+    #: the config has none, two are refused. The only reason a method names a plugin class.
+    required_plugins: ClassVar[tuple[type[ContinualCallback] | RequiredPlugin, ...]] = ()
     #: Attributes whose modules ``compile`` compiles (those the method's forward calls as modules).
     compiled_modules: ClassVar[tuple[str, ...]] = ("backbone",)
 
@@ -133,11 +160,7 @@ class ContinualModule(L.LightningModule):
             if not isinstance(p, ContinualCallback):
                 raise ValueError(f"plugins: {type(p).__name__} is not a ContinualCallback")
         for required in self.required_plugins:
-            found = [p for p in self.plugins if isinstance(p, required)]
-            if len(found) > 1:
-                raise ValueError(f"plugins: {type(self).__name__} takes one {required.__name__}, got {len(found)}")
-            if not found:
-                self.plugins.append(required())
+            self.require_plugin(required)
         self.info: BenchmarkInfo | None = None
         self.head: nn.Linear | None = None
         self.current_task = 0
@@ -148,6 +171,36 @@ class ContinualModule(L.LightningModule):
         #: step, read and reset by the runner.
         self.step_wrong: Tensor | int = 0
         self.step_samples = 0
+
+    # ------------------------------------------------------------------ plugins
+    def require_plugin(self, need: type[ContinualCallback] | RequiredPlugin) -> ContinualCallback:
+        """Checks that the plugins hold exactly one ``need`` (adding it when allowed) and returns it. Called for
+        every entry of ``required_plugins``; a method whose need depends on an argument (MARK's meta-update) calls
+        it in its ``__init__``."""
+        need = need if isinstance(need, RequiredPlugin) else RequiredPlugin(need)
+        name, cls = type(self).__name__, need.plugin
+        found = [p for p in self.plugins if isinstance(p, cls)]
+        if len(found) > 1:
+            raise ValueError(f"plugins: {name} takes one {cls.__name__}, got {len(found)}")
+        if not found:
+            if not need.add_default:
+                raise ValueError(f"plugins: {name} needs exactly one {need.describe()} (the config gives none)")
+            found = [cls(**need.settings)]
+            self.plugins.append(found[0])
+        plugin = found[0]
+        wrong = [f"{k}: {getattr(plugin, k, None)}" for k, v in need.settings.items() if getattr(plugin, k, None) != v]
+        if wrong:
+            raise ValueError(f"plugins: {name} needs exactly one {need.describe()}; "
+                             f"{type(plugin).__name__} has {', '.join(wrong)}")
+        return plugin
+
+    def plugin_of(self, cls: type[P]) -> P:
+        """The one plugin of class ``cls`` (a required one: ``require_plugin`` made sure it is there), for a method
+        that reads its plugin's results through the plugin's public methods."""
+        for plugin in self.plugins:
+            if isinstance(plugin, cls):
+                return plugin
+        raise LookupError(f"plugins: {type(self).__name__} has no {cls.__name__}")
 
     # ------------------------------------------------------------------ set-up
     def setup_tasks(self, info: BenchmarkInfo) -> None:
