@@ -10,18 +10,19 @@ A plugin that needs more of its method than every ``ContinualModule`` has (a hyp
 base, a mask basis) says what in ``host``: a ``typing.Protocol`` listing those attributes and methods. It
 is checked once, when the method binds to the benchmark, and a method that lacks a member is named with
 it; the plugin then uses those members and nothing else of the method.
+
+The hooks' ``module`` is the method, a ``cl_lightning.methods.base.ContinualModule``; plugins annotate it so
+(importing it for type checking only). This module does not: the method's module imports the plugin contract, and
+the contract does not import it back.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, cast
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import lightning as L
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from cl_lightning.methods.base import ContinualModule
 
 
 def missing_members(obj: Any, protocol: type) -> list[str]:
@@ -65,7 +66,7 @@ class ContinualCallback(L.Callback):
         self.task_started = -1
         self.task_finished = -1
 
-    def check_host(self, module: ContinualModule) -> None:
+    def check_host(self, module: Any) -> None:
         """Raises a ``ValueError`` naming the members of :attr:`host` that ``module`` lacks."""
         if self.host is None:
             return
@@ -75,13 +76,13 @@ class ContinualCallback(L.Callback):
                              f"({', '.join(missing)}); {type(module).__name__} does not")
 
     # ---------------------------------------------------------------- for subclasses
-    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
+    def on_task_start(self, trainer: L.Trainer, module: Any, task_id: int) -> None:
         """Before the first step of a task (e.g. snapshot targets for a regularizer)."""
 
-    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task_id: int) -> None:
+    def on_task_end(self, trainer: L.Trainer, module: Any, task_id: int) -> None:
         """After the last step of a task, before it is evaluated (e.g. Fisher, consolidation)."""
 
-    def penalty(self, module: ContinualModule, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
+    def penalty(self, module: Any, batch: Any, step: TaskLoss | None = None) -> Tensor | None:
         """A term added to the training loss at every step; ``None`` when there is nothing to add. ``step`` is the
         method's loss on this batch (with its logits), for a penalty that depends on it."""
         return None
@@ -98,14 +99,14 @@ class ContinualCallback(L.Callback):
 
     # ---------------------------------------------------------------- plumbing
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        module = cast("ContinualModule", pl_module)  # plugins run only under a ContinualModule
+        module: Any = pl_module  # plugins run only under a ContinualModule
         task = module.current_task
         if self.task_started != task:  # not again when a task is resumed mid-way
             self.on_task_start(trainer, module, task)
             self.task_started = task
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        module = cast("ContinualModule", pl_module)
+        module: Any = pl_module
         task = module.current_task
         if self.task_finished != task:
             self.on_task_end(trainer, module, task)

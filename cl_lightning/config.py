@@ -18,6 +18,7 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import types
@@ -64,6 +65,15 @@ def load_group_file(group: str, name: str, config_dir: Path = CONFIG_DIR) -> Any
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
+
+
+def override_word(key: str, value: str) -> str:
+    """``key=value`` with ``value`` quoted when YAML would not read it back as the same string."""
+    try:
+        same = yaml.safe_load(value) == value
+    except yaml.YAMLError:
+        same = False
+    return f"{key}={value if same else json.dumps(value)}"
 
 
 def parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[tuple[str, Any]]]:

@@ -2,14 +2,12 @@
 
 Composes and validates the config (nothing trains before every key is known good), prepares the run
 folder (never overwriting a run), builds the benchmark, method and loggers, and hands them to the
-runner. Under ``strategy=ddp`` Lightning re-executes the script on every rank; the parent passes its
-run folder to the children through ``CL_LIGHTNING_RUN_DIR`` so that all ranks share it.
+runner. Which run folder, resumed or new (and its hand-over to the DDP ranks), is ``run_dir.py``'s decision.
 """
 
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import hashlib
 import os
 import re
@@ -20,16 +18,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from cl_lightning.config import ConfigError, compose, instantiate
 from cl_lightning.datamodule import ContinualDataModule, DataError
 from cl_lightning.methods.base import ContinualModule
+from cl_lightning.run_dir import (
+    is_rank_child,
+    open_run_dir,
+    resume_folder,
+    resumed_run_config,
+    without_resume,
+)
 from cl_lightning.runner import ContinualRunner
-
-RUN_DIR_ENV = "CL_LIGHTNING_RUN_DIR"
-
 
 #: Keys a resume may change: where the data lies, how the run is logged and shown, how many devices share
 #: the work (a DDP run equals the one-process run) and which checkpoints are kept. Any other key changes what
@@ -41,18 +42,11 @@ RESUME_MAY_CHANGE = ("data_dir", "benchmark.data_dir", "logger", "name", "checkp
 
 def resolve_config(overrides: Sequence[str]) -> dict[str, Any]:
     """The composed config; with ``resume=<dir>``, the run's saved config plus the overrides a resume allows."""
-    resume = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip().lstrip("+") == "resume"]
-    if not resume or resume[-1] == "null":
+    folder = resume_folder(overrides)
+    if folder is None:
         return compose(overrides)
-    folder = resume[-1]
-    if not folder:
-        raise ConfigError("resume= needs the folder of the run to continue (resume=outputs/<benchmark>/<method>/...)")
-    saved = Path(folder) / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"resume={folder}: this folder holds no run (no config.yaml); "
-                          "pass the folder of a run started by train.py or cl-lightning")
-    base = yaml.safe_load(saved.read_text())
-    rest = [o for o in overrides if o.split("=", 1)[0].strip().lstrip("+") != "resume"]
+    base = resumed_run_config(folder)
+    rest = without_resume(overrides)
     given_dir = next((o.split("=", 1)[1] for o in rest if o.split("=", 1)[0].strip() == "output_dir"), None)
     if given_dir not in (None, "", "null") and Path(given_dir).resolve() != Path(folder).resolve():
         raise ConfigError(f"output_dir={given_dir}: a resume continues in its own folder ({folder})")
@@ -92,27 +86,6 @@ def check_resume_changes(saved: dict[str, Any], cfg: dict[str, Any], folder: str
             raise ConfigError(f"resume={folder}: {path}={new.get(path)!r} differs from the saved "
                               f"{path}={old.get(path)!r}; it would change what the run's checkpoints mean. "
                               "A resume may change only: " + ", ".join(RESUME_MAY_CHANGE))
-
-
-def prepare_run_dir(cfg: dict[str, Any]) -> Path:
-    """The run folder: shared with the parent under DDP, the given one on resume, else a new one."""
-    inherited = os.environ.get(RUN_DIR_ENV)
-    if inherited:
-        return Path(inherited)
-    if cfg.get("resume"):
-        run_dir = Path(cfg["resume"])
-    else:
-        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        run_dir = Path(cfg.get("output_dir") or Path("outputs") / cfg["benchmark_name"] / cfg["method_name"] / stamp)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ConfigError(f"output_dir={run_dir} is a file, not a folder")
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"output_dir={run_dir} already holds files; continue that run with "
-                              f"resume={run_dir} or choose another output_dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
-    return run_dir
 
 
 def make_loggers(node: dict[str, Any] | None, run_dir: Path, name: str | None) -> list[Logger]:
@@ -203,9 +176,9 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """A resolved config (from either front door) to a finished run folder: the one path every run takes, so
     a run started by ``train.py`` or ``cl-lightning`` resumes with either."""
     model, datamodule = build(cfg)
-    if RUN_DIR_ENV not in os.environ:
+    if not is_rank_child():
         datamodule.prepare_data()  # a missing data set stops the run before its folder is made
-    run_dir = prepare_run_dir(cfg)
+    run_dir = open_run_dir(cfg)
     loggers = make_loggers(cfg.get("logger"), run_dir, cfg.get("name"))
     runner = ContinualRunner(model, datamodule, run_dir, trainer_kwargs=cfg.get("trainer"), loggers=loggers,
                              seed=cfg["seed"], method_name=cfg.get("method_name"), config=cfg,

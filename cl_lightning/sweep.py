@@ -34,10 +34,18 @@ from typing import Any
 
 import yaml
 
-from cl_lightning.config import ConfigError, compose
+from cl_lightning.config import ConfigError, compose, override_word
+from cl_lightning.run_dir import (
+    SWEEP_FILE,
+    is_sweep_folder,
+    resume_folder,
+    run_state,
+    run_words,
+    without_inherited_run_dir,
+    without_resume,
+)
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
-SWEEP_FILE = "sweep.json"
 MULTIRUN_FLAGS = ("-m", "--multirun")
 #: Keys of the sweep itself (not passed to the runs).
 SWEEP_OPTIONS = ("sweep.parallel", "sweep.devices")
@@ -69,12 +77,9 @@ def split_values(raw: str) -> list[str]:
 
 def is_sweep(args: Sequence[str]) -> bool:
     """True for ``-m`` / ``--multirun``, a ``sweep.*`` key, or ``resume=`` naming a sweep folder."""
-    for word in args:
-        if word in MULTIRUN_FLAGS or word.split("=", 1)[0] in SWEEP_OPTIONS:
-            return True
-        if word.startswith("resume=") and (Path(word.split("=", 1)[1]) / SWEEP_FILE).is_file():
-            return True
-    return False
+    if any(word in MULTIRUN_FLAGS or word.split("=", 1)[0] in SWEEP_OPTIONS for word in args):
+        return True
+    return is_sweep_folder(resume_folder(args))
 
 
 @dataclass
@@ -108,15 +113,6 @@ class Sweep:
         record = json.loads((folder / SWEEP_FILE).read_text())
         return cls(dir=folder, name=record["name"], runs=[SweepRun(**r) for r in record["runs"]],
                    command=record["command"], parallel=record.get("parallel", 1), devices=record.get("devices"))
-
-
-def _word(key: str, value: str) -> str:
-    """``key=value`` with ``value`` quoted when YAML would not read it back as the same string."""
-    try:
-        same = yaml.safe_load(value) == value
-    except yaml.YAMLError:
-        same = False
-    return f"{key}={value if same else json.dumps(value)}"
 
 
 def _options(words: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -188,7 +184,7 @@ def plan(args: Sequence[str]) -> Sweep:
             raise ConfigError(f"sweep run {run_id}: {err}") from None
         logger = cfg.get("logger") or {}
         if str(logger.get("class_path", "")).endswith("WandbLogger") and "group" not in (logger.get("init_args") or {}):
-            overrides.append(_word("logger.group", name))
+            overrides.append(override_word("logger.group", name))
         runs.append(SweepRun(run_id, overrides, chosen))
     return Sweep(dir=folder, name=name, runs=runs, command=command, parallel=options.get("parallel", 1),
                  devices=options.get("devices"))
@@ -197,8 +193,8 @@ def plan(args: Sequence[str]) -> Sweep:
 def reopen(args: Sequence[str]) -> Sweep:
     """The sweep named by ``resume=<sweep folder>``; only ``sweep.*`` options may change."""
     options, words = _options([w for w in args if w not in MULTIRUN_FLAGS])
-    folder = Path(next(w.split("=", 1)[1] for w in words if w.startswith("resume=")))
-    extra = [w for w in words if not w.startswith("resume=")]
+    folder = Path(str(resume_folder(words)))
+    extra = without_resume(words)
     if extra:
         raise ConfigError(f"resume={folder} continues a sweep as it was planned; {extra[0]!r} cannot change it "
                           "(only sweep.parallel and sweep.devices can)")
@@ -209,27 +205,14 @@ def reopen(args: Sequence[str]) -> Sweep:
 
 
 # ---------------------------------------------------------------------------------------- running
-def state(run_dir: Path) -> str:
-    """``finished`` (metrics.json), ``interrupted`` (started: config.yaml) or ``pending``."""
-    if (run_dir / "metrics.json").is_file():
-        return "finished"
-    if (run_dir / "config.yaml").is_file():
-        return "interrupted"
-    return "pending"
-
-
 def run_command(sweep: Sweep, run: SweepRun) -> list[str]:
-    """``python train.py ...`` for a run: its overrides into its folder, or ``resume=`` its folder."""
-    run_dir = sweep.run_dir(run).resolve()
-    if state(run_dir) == "interrupted":
-        return [sys.executable, str(TRAIN_PY), f"resume={run_dir}"]
-    return [sys.executable, str(TRAIN_PY), *run.overrides, _word("output_dir", str(run_dir))]
+    """``python train.py ...`` for a run: its overrides into its folder, or ``resume=`` its folder
+    (``run_dir.run_words`` decides)."""
+    return [sys.executable, str(TRAIN_PY), *run_words(sweep.run_dir(run).resolve(), run.overrides)]
 
 
 def _environment(device: str | None) -> dict[str, str]:
-    from cl_lightning.experiment import RUN_DIR_ENV
-
-    env = {k: v for k, v in os.environ.items() if k != RUN_DIR_ENV}
+    env = without_inherited_run_dir(os.environ)
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     return env
@@ -241,7 +224,7 @@ def execute(sweep: Sweep) -> dict[str, str]:
     One at a time, a run writes to this terminal; several at once, each writes to ``logs/<run>.log``.
     Interrupted (Ctrl-C, SIGTERM), it stops the runs it started and says how to continue.
     """
-    outcome = {r.id: "finished" for r in sweep.runs if state(sweep.run_dir(r)) == "finished"}
+    outcome = {r.id: "finished" for r in sweep.runs if run_state(sweep.run_dir(r)) == "finished"}
     todo = [r for r in sweep.runs if r.id not in outcome]
     for run in sweep.runs:
         if run.id in outcome:
@@ -252,7 +235,7 @@ def execute(sweep: Sweep) -> dict[str, str]:
     def launch(run: SweepRun) -> None:
         busy = [dev for _, _, dev, _ in running.values()]
         device = min(sweep.devices, key=busy.count) if sweep.devices else None
-        resumed = state(sweep.run_dir(run)) == "interrupted"
+        resumed = run_state(sweep.run_dir(run)) == "interrupted"
         out = None
         if sweep.parallel > 1:
             logs.mkdir(exist_ok=True)
@@ -273,7 +256,7 @@ def execute(sweep: Sweep) -> dict[str, str]:
                 out.close()
             del running[run_id]
             run = next(r for r in sweep.runs if r.id == run_id)
-            outcome[run_id] = "finished" if code == 0 and state(sweep.run_dir(run)) == "finished" else "failed"
+            outcome[run_id] = "finished" if code == 0 and run_state(sweep.run_dir(run)) == "finished" else "failed"
             took = f"{time.monotonic() - began:.0f} s"
             if outcome[run_id] == "finished":
                 acc = json.loads((sweep.run_dir(run) / "metrics.json").read_text()).get("ACC")
@@ -333,7 +316,7 @@ def write_runs_table(sweep: Sweep, outcome: dict[str, str]) -> Path:
         for run in sweep.runs:
             metrics_file = sweep.run_dir(run) / "metrics.json"
             metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-            writer.writerow([run.id, *[run.values.get(k, "") for k in keys], outcome.get(run.id, state(
+            writer.writerow([run.id, *[run.values.get(k, "") for k in keys], outcome.get(run.id, run_state(
                 sweep.run_dir(run))), *[metrics.get(k, "") for k in SUMMARY_KEYS], run.id])
     return path
 
@@ -342,7 +325,7 @@ def main(args: Sequence[str]) -> int:
     """Plans (or reopens) the sweep, runs what is left, writes the aggregate (runs.csv and the report of the
     finished runs); 1 if a run failed."""
     try:
-        resume = any(w.startswith("resume=") and (Path(w.split("=", 1)[1]) / SWEEP_FILE).is_file() for w in args)
+        resume = is_sweep_folder(resume_folder(args))
         sweep = reopen(args) if resume else plan(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -153,3 +153,49 @@ def test_the_cli_imports_every_module_of_a_plugin_folder(tmp_path, monkeypatch):
     import_every_module(dropin)
     assert "dropin.my_plugin" in sys.modules
     assert any(c.__name__ == "MyPlugin" for c in ContinualCallback.__subclasses__())
+
+
+def test_a_required_plugin_the_config_must_give_is_named_with_its_settings():
+    from cl_lightning.callbacks import RehearsalPlugin
+    from cl_lightning.methods import GDumb, ICaRL
+
+    with pytest.raises(ValueError, match="ICaRL needs exactly one ICaRLExemplars .the config gives none"):
+        ICaRL(MLP(hidden_sizes=(8,)))
+    with pytest.raises(ValueError, match="insertion: task_end and balance: class; RehearsalPlugin has insertion: "
+                                         "reservoir"):
+        GDumb(MLP(hidden_sizes=(8,)), plugins=[RehearsalPlugin(10, insertion="reservoir", balance="class")])
+    memory = RehearsalPlugin(10, insertion="task_end", balance="class")
+    model = GDumb(MLP(hidden_sizes=(8,)), plugins=[memory])
+    assert model.plugins == [memory] and model.plugin_of(RehearsalPlugin) is memory
+
+
+def test_no_module_of_the_package_imports_itself_back():
+    """Module-level, function-level and TYPE_CHECKING imports alike: no cycle among cl_lightning's modules."""
+    import ast
+    from pathlib import Path
+
+    import cl_lightning
+
+    root = Path(cl_lightning.__file__).parent
+    names = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in names.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        # a package's own submodules and its parents are Python's package mechanics, not a dependency
+        edges[name] = {t for t in found if t in names and t != name and not name.startswith(t + ".")
+                       and not t.startswith(name + ".")}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in edges[start]:
+            if nxt == goal or (nxt not in seen and (seen.add(nxt) or reaches(nxt, goal, seen))):
+                return True
+        return False
+
+    cycles = sorted(f"{a} -> {b}" for a in edges for b in edges[a] if reaches(b, a, set()))
+    assert not cycles, f"import cycles: {cycles}"

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from cl_lightning.callback import ContinualCallback
-from cl_lightning.callbacks.hat import HardAttention, annealed_temperature
+from cl_lightning.callbacks.hat import HardAttention
 from cl_lightning.callbacks.packnet import FREE, PackNetPruning
 from cl_lightning.methods import HAT, ContinualModule, PackNet
 from cl_lightning.nets import MLP
-from cl_lightning.nets.hat import HATMLP
+from cl_lightning.nets.hat import HATMLP, annealed_temperature
 from tests.helpers.crash import CrashAt
 from tests.helpers.run import run_tasks, train_py
 from tests.helpers.supermask_data import PermutedBlobs, SmallPermutedMNIST

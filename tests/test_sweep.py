@@ -184,3 +184,19 @@ def test_parallel_runs_get_one_device_each(tmp_path, monkeypatch, capsys):
             assert a["device"] != b["device"]
     assert any(a["began"] < b["ended"] and b["began"] < a["ended"] for a, b in itertools.combinations(runs, 2))
     assert "on device 1" in capsys.readouterr().out
+
+
+def test_one_owner_reads_resume_and_says_how_a_run_continues(tmp_path):
+    from cl_lightning.run_dir import is_sweep_folder, resume_folder, run_words, without_resume
+
+    assert resume_folder(["seed=1", "resume=a", "+resume=b"]) == "b"
+    assert resume_folder(["resume=null"]) is None and resume_folder(["seed=1"]) is None
+    assert without_resume(["seed=1", "resume=a"]) == ["seed=1"]
+    run = tmp_path / "0_seed=1"
+    assert run_words(run, ["seed=1"]) == ["seed=1", f"output_dir={run}"]  # not started: a new run there
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    assert run_words(run, ["seed=1"]) == [f"resume={run}"]  # started: continued
+    assert not is_sweep_folder(run) and not is_sweep_folder(None)
+    (tmp_path / SWEEP_FILE).write_text("{}")
+    assert is_sweep_folder(tmp_path) and is_sweep(["resume=" + str(tmp_path)])

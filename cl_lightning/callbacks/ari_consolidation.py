@@ -42,11 +42,16 @@ class ARIHost(Protocol):
     errors), the signatures, the estimator ``q``, and the learner's own knowledge-base consolidation."""
 
     estimator: ARIEstimator
+    #: Whether ``q`` has been fitted (read-only here: ``fit_estimator`` sets it).
     estimator_fitted: Tensor
     candidates: Tensor
     candidate_sigs: Tensor
     candidate_sources: list[tuple[str, int]]
     task_sigs: Tensor
+
+    def fit_estimator(self, ari: Tensor, param_sigs: Tensor, task_sigs: Tensor, steps: int, lr: float,
+                      weight_decay: float = 0.0) -> float:
+        """Fits ``q`` to the observed ARIs and marks it fitted; returns the final training MSE."""
 
     def exploration_errors(self) -> Tensor:
         """``[steps, Q]`` error of every candidate at every step of the task, over all ranks."""
@@ -155,10 +160,9 @@ class ARIConsolidation(ContinualCallback):
             self.pairs = self.observed_pairs(host, task_id, len(errors))
             ari = torch.cat([ari, self.pairs[0]])
             param_sigs, task_sigs = torch.cat([param_sigs, self.pairs[1]]), torch.cat([task_sigs, self.pairs[2]])
-        record["estimator_mse"] = host.estimator.fit(ari.to(dev), param_sigs.to(dev), task_sigs.to(dev),
-                                                       self.estimator_steps, self.estimator_lr,
-                                                       self.estimator_weight_decay)
-        host.estimator_fitted.fill_(True)
+        record["estimator_mse"] = host.fit_estimator(ari.to(dev), param_sigs.to(dev), task_sigs.to(dev),
+                                                     self.estimator_steps, self.estimator_lr,
+                                                     self.estimator_weight_decay)
         record.update(host.consolidate_knowledge_base(task_id, self.kb_steps, self.kb_lr, self.tolerance,
                                                         self.relative_tolerance, self.cover_tasks))
         if trainer.world_size > 1:

@@ -151,7 +151,7 @@ class Replay(ContinualCallback):
             source = self._source(module)
             assert source is not None, "on_task_start found a replay source"
             x, y = source.sample_replay(tasks, self.generator(module), self._teacher_on(module.device))
-        trainer = module._trainer
+        trainer = module.attached_trainer()
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         share = torch.arange(len(tasks)).tensor_split(world)[rank]
         tasks = tasks.to(x.device)

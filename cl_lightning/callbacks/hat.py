@@ -1,7 +1,7 @@
 """HAT's mechanism (Serra et al. 2018) as a plugin: what runs at every step and between tasks.
 
-- Every training batch: the gates' temperature ``s = 1/s_max + (s_max - 1/s_max) (b - 1) / (B - 1)`` for batch
-  ``b`` of the epoch's ``B`` (the paper's annealing), written into the method.
+- The gates' temperature ``s`` is the method's (its annealing within every epoch,
+  ``cl_lightning.nets.hat.annealed_temperature``); the plugin reads it for the compensation.
 - Penalty: the mask sparsity regulariser ``c * sum_l sum_i a_i^t (1 - a_i^<t) / sum_l sum_i (1 - a_i^<t)``
   (without earlier tasks: ``c * mean a^t``), so new tasks reuse old units and keep free ones for later.
 - Before each optimizer step (gradients already reduced under DDP): the weight from unit j to unit i has its
@@ -18,7 +18,6 @@ The constants' defaults are those of the authors' code as we know it (``thres_co
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import lightning as L
@@ -36,6 +35,7 @@ class HATHost(Protocol):
 
     current_task: int
     s_max: float
+    #: The training temperature of the current step (the method anneals it; read-only here).
     s: float
     last_gates: list[Tensor] | None
 
@@ -49,13 +49,6 @@ class HATHost(Protocol):
 
     def gates(self, task: int, s: float | None = None) -> list[Tensor]:
         """Task ``task``'s gates at ``s`` (default: ``s_max``)."""
-
-
-def annealed_temperature(batch: int, batches: int, s_max: float) -> float:
-    """HAT's ``s`` for 0-based ``batch`` of ``batches``: ``1/s_max`` at the first, ``s_max`` at the last."""
-    if batches <= 1:
-        return s_max
-    return 1.0 / s_max + (s_max - 1.0 / s_max) * batch / (batches - 1)
 
 
 class HardAttention(ContinualCallback):
@@ -81,12 +74,6 @@ class HardAttention(ContinualCallback):
         self.cumulative: list[Tensor] | None = None
 
     # ---------------------------------------------------------------- per step
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        host = cast(HATHost, pl_module)
-        batches = trainer.num_training_batches
-        host.s = annealed_temperature(batch_idx, int(batches) if math.isfinite(batches) else 1, host.s_max)
-
     def cumulative_on(self, device: torch.device) -> list[Tensor] | None:
         if self.cumulative is None:
             return None

@@ -253,11 +253,17 @@ class OutputRegularizer(ContinualCallback):
         return [(n, p) for n, p in cast(HypernetworkHost, module).hypernetwork.named_parameters() if p.requires_grad]
 
     def candidate_step(self, module: ContinualModule, task_loss: Tensor) -> list[Tensor]:
-        """The (detached) step the optimizer would take on ``task_loss`` alone, per trainable parameter."""
+        """The (detached) step the optimizer would take on ``task_loss`` alone, per trainable parameter.
+
+        Written out for Adam/AdamW and SGD because torch has no public way to ask an optimizer for its step without
+        taking it: ``Optimizer.step`` updates the parameters and the state in place, and the functional kernels
+        (``torch.optim._functional``, ``torch.optim.adam.adam``) are not public API. Stepping a copy of the
+        optimizer would cost a copy of every parameter and its state per step, and would add the weight decay
+        the authors' lookahead leaves out."""
         params = [p for _, p in self._trainable(module)]
         raw = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw, strict=True)]
-        trainer = module._trainer
+        trainer = module.attached_trainer()
         if trainer is not None and trainer.world_size > 1:  # the same step on every rank
             flat = trainer.strategy.reduce(torch.cat([g.flatten() for g in grads]), reduce_op="mean")
             grads = [f.view_as(p) for f, p in zip(flat.split([p.numel() for p in params]), params, strict=True)]
@@ -288,9 +294,7 @@ class OutputRegularizer(ContinualCallback):
 
     @staticmethod
     def _optimizer(module: ContinualModule) -> torch.optim.Optimizer | None:
-        if module._trainer is None:
-            return None
-        try:
+        try:  # Lightning raises a RuntimeError outside a fit
             opt = module.optimizers()
         except (RuntimeError, AttributeError):
             return None

@@ -19,8 +19,8 @@ The live KB is never touched by the inner loop. Mini-task batches, fresh heads a
 a generator seeded by (run seed, task, outer step) over the task's whole training split, so the update is
 the same on every DDP rank and after a resume; rank 0's gradient is broadcast all the same.
 
-The plugin acts only on the method's meta steps: it is called from ``on_before_optimizer_step`` and
-writes the KB's ``.grad``.
+The plugin acts only on the method's meta steps: it is called from ``on_before_optimizer_step``, asks the
+method which meta step is under way (``MARKHost.current_meta_step``) and writes the KB's ``.grad``.
 """
 
 from __future__ import annotations
@@ -42,12 +42,14 @@ from cl_lightning.datamodule import benchmark_of
 
 class MARKHost(Protocol):
     """What the meta-update needs of its method (MARK): the knowledge base it updates, the task's masks, the
-    step it is asked for, and the run's seed."""
+    meta step under way, and the run's seed."""
 
     kb: nn.Module
     current_task: int
     run_seed: int
-    pending_meta_step: int | None
+
+    def current_meta_step(self) -> int | None:
+        """The index of the meta step whose optimizer step is under way, or None (any other step)."""
 
     def task_masks(self, task: int, x: Tensor) -> list[Tensor] | None:
         """The task's per-sample KB masks of ``x`` (``None`` without masks)."""
@@ -262,10 +264,9 @@ class MARKMetaUpdate(ContinualCallback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         host = cast(MARKHost, pl_module)
-        step = host.pending_meta_step
+        step = host.current_meta_step()
         if step is None:
             return
-        host.pending_meta_step = None
         task = host.current_task
         data = benchmark_of(trainer).split(task, "train")
         batch = self.batch_size or benchmark_of(trainer).batch_size

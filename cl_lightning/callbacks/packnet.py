@@ -64,6 +64,8 @@ class PackNetPruning(ContinualCallback):
     """
 
     host = PackNetHost
+    #: The owner of a weight no task keeps (``FREE``), for the method's owners buffers.
+    FREE: int = FREE
 
     def __init__(self, prune_fraction: float | str = 0.5, retrain_fraction: float = 0.5):
         super().__init__()

@@ -37,7 +37,7 @@ BALANCES = ("class", "task")
 
 
 def world_and_rank(module: ContinualModule) -> tuple[int, int]:
-    trainer = module._trainer
+    trainer = module.attached_trainer()
     if trainer is None:
         return 1, 0
     return trainer.world_size, trainer.global_rank

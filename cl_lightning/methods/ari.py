@@ -271,6 +271,14 @@ class ARILearner(ContinualModule):
         e = torch.randn(count, self.knowledge_base.embedding_dim, generator=g) * self.embedding_init_std
         return e.to(self.kb_embeddings.device)
 
+    def fit_estimator(self, ari: Tensor, param_sigs: Tensor, task_sigs: Tensor, steps: int, lr: float,
+                      weight_decay: float = 0.0) -> float:
+        """Fits ``q`` to the observed ARIs (``ARIEstimator.fit``); from then on it ranks the sets. Returns the
+        final training MSE."""
+        mse = self.estimator.fit(ari, param_sigs, task_sigs, steps, lr, weight_decay)
+        self.estimator_fitted.fill_(True)
+        return mse
+
     def use_estimator(self) -> bool:
         return self.selection == "estimator" and bool(self.estimator_fitted)
 
@@ -320,7 +328,7 @@ class ARILearner(ContinualModule):
             raise RuntimeError("no exploration step was recorded for this task")
         wrong = torch.stack(self.explore_wrong).float()
         count = torch.tensor(self.explore_count, dtype=torch.float, device=wrong.device)
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         if trainer is not None and trainer.world_size > 1:
             wrong = trainer.strategy.reduce(wrong, reduce_op="sum")
             count = trainer.strategy.reduce(count, reduce_op="sum")

@@ -8,8 +8,9 @@ per-task evaluation that fills a row of the accuracy matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import lightning as L
 import torch
@@ -21,6 +22,31 @@ from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.metrics import TaskScores
 from cl_lightning.nets import MLP
 from cl_lightning.tasks import BenchmarkInfo, Scenario
+
+P = TypeVar("P", bound=ContinualCallback)
+
+
+@dataclass(frozen=True)
+class RequiredPlugin:
+    """A plugin a method cannot run without, in its ``required_plugins`` (a bare class there means
+    ``RequiredPlugin(cls)``).
+
+    Args:
+        plugin: the plugin class (a subclass of it counts).
+        add_default: add one, built with ``settings``, when the config gives none; ``False``: the config must give
+            one (its settings are the method's main choice, as iCaRL's memory budget).
+        settings: attribute values the plugin must have (GDumb's memory: ``insertion: task_end``,
+            ``balance: class``).
+    """
+
+    plugin: type[ContinualCallback]
+    add_default: bool = True
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        extra = " and ".join(f"{k}: {v}" for k, v in self.settings.items())
+        return self.plugin.__name__ + (f" with {extra}" if extra else "")
+
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 #: Devices whose floating-point parameters torch's fused optimizer kernels take.
@@ -107,8 +133,9 @@ class ContinualModule(L.LightningModule):
     supported_scenarios: frozenset[Scenario] = frozenset(Scenario)
     #: Train stage t on tasks 0..t instead of task t alone (joint training).
     cumulative_data: bool = False
-    #: Plugins the method cannot run without: one is added with its defaults when the config has none.
-    required_plugins: ClassVar[tuple[type[ContinualCallback], ...]] = ()
+    #: Plugins the method cannot run without (classes or ``RequiredPlugin``): one is added with its defaults when
+    #: the config has none, two are refused. The only reason a method names a plugin class.
+    required_plugins: ClassVar[tuple[type[ContinualCallback] | RequiredPlugin, ...]] = ()
     #: Attributes whose modules ``compile`` compiles (those the method's forward calls as modules).
     compiled_modules: ClassVar[tuple[str, ...]] = ("backbone",)
 
@@ -133,11 +160,7 @@ class ContinualModule(L.LightningModule):
             if not isinstance(p, ContinualCallback):
                 raise ValueError(f"plugins: {type(p).__name__} is not a ContinualCallback")
         for required in self.required_plugins:
-            found = [p for p in self.plugins if isinstance(p, required)]
-            if len(found) > 1:
-                raise ValueError(f"plugins: {type(self).__name__} takes one {required.__name__}, got {len(found)}")
-            if not found:
-                self.plugins.append(required())
+            self.require_plugin(required)
         self.info: BenchmarkInfo | None = None
         self.head: nn.Linear | None = None
         self.current_task = 0
@@ -148,6 +171,36 @@ class ContinualModule(L.LightningModule):
         #: step, read and reset by the runner.
         self.step_wrong: Tensor | int = 0
         self.step_samples = 0
+
+    # ------------------------------------------------------------------ plugins
+    def require_plugin(self, need: type[ContinualCallback] | RequiredPlugin) -> ContinualCallback:
+        """Checks that the plugins hold exactly one ``need`` (adding it when allowed) and returns it. Called for
+        every entry of ``required_plugins``; a method whose need depends on an argument (MARK's meta-update) calls
+        it in its ``__init__``."""
+        need = need if isinstance(need, RequiredPlugin) else RequiredPlugin(need)
+        name, cls = type(self).__name__, need.plugin
+        found = [p for p in self.plugins if isinstance(p, cls)]
+        if len(found) > 1:
+            raise ValueError(f"plugins: {name} takes one {cls.__name__}, got {len(found)}")
+        if not found:
+            if not need.add_default:
+                raise ValueError(f"plugins: {name} needs exactly one {need.describe()} (the config gives none)")
+            found = [cls(**need.settings)]
+            self.plugins.append(found[0])
+        plugin = found[0]
+        wrong = [f"{k}: {getattr(plugin, k, None)}" for k, v in need.settings.items() if getattr(plugin, k, None) != v]
+        if wrong:
+            raise ValueError(f"plugins: {name} needs exactly one {need.describe()}; "
+                             f"{type(plugin).__name__} has {', '.join(wrong)}")
+        return plugin
+
+    def plugin_of(self, cls: type[P]) -> P:
+        """The one plugin of class ``cls`` (a required one: ``require_plugin`` made sure it is there), for a method
+        that reads its plugin's results through the plugin's public methods."""
+        for plugin in self.plugins:
+            if isinstance(plugin, cls):
+                return plugin
+        raise LookupError(f"plugins: {type(self).__name__} has no {cls.__name__}")
 
     # ------------------------------------------------------------------ set-up
     def setup_tasks(self, info: BenchmarkInfo) -> None:
@@ -183,9 +236,9 @@ class ContinualModule(L.LightningModule):
         ``compile`` backend, in place; returns their names."""
         if self.compile_backend is None:
             return []
-        if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        if self.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
             raise ValueError(f"compile={self.compile_backend!r} is not a torch.compile backend: "
-                             f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
+                             f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}")
         done = []
         for name in self.compiled_modules:
             module = getattr(self, name, None)
@@ -249,7 +302,7 @@ class ContinualModule(L.LightningModule):
         ``salt`` (0: the stream's batch, 1: a replay batch), drawn for the global batch of ``global_n`` samples
         (default: this rank's share times the processes) of which this rank takes its share: resume and DDP
         augment every sample as the uninterrupted single-process run does."""
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         datamodule = getattr(trainer, "datamodule", None)
         augmentation = getattr(datamodule, "train_augmentation", lambda: None)()
         if augmentation is None or trainer is None:
@@ -288,12 +341,24 @@ class ContinualModule(L.LightningModule):
             self.log("step", float(self.steps_before_task + self.global_step))
         return total
 
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer running this module, or ``None`` outside a fit or test (Lightning's public ``trainer``
+        property raises then; its private ``_trainer`` is not ours to read)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def _should_log(self) -> bool:
-        trainer = self._trainer
+        """Whether this training step is one Lightning writes to the loggers (every ``log_every_n_steps``-th
+        batch), so the other steps skip the cost of ``self.log``. Counted from the fit loop's public batch
+        progress (batches started in this fit, restored on resume): the count Lightning's logger connector uses,
+        batches that stepped, is the same without gradient accumulation, which no config sets."""
+        trainer = self.attached_trainer()
         if trainer is None or not trainer.loggers:
             return False
         every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's logger connector
-        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
+        return trainer.fit_loop.epoch_loop.batch_progress.total.ready % every == 0
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         x, y, t = batch

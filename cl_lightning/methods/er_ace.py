@@ -34,7 +34,8 @@ class ERACE(ContinualModule):
     def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
         x, y, t = batch
         out = self(x, t)
-        distributed = self._trainer is not None and self._trainer.world_size > 1
+        trainer = self.attached_trainer()
+        distributed = trainer is not None and trainer.world_size > 1
         labels = cast(Tensor, self.all_gather(y)).reshape(-1) if distributed else y  # a tensor's: a tensor
         present = torch.zeros_like(self.seen_classes)
         present[labels] = True

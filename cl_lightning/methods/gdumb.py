@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.callbacks.rehearsal import RehearsalPlugin
-from cl_lightning.methods.base import ContinualModule, make_optimizer
+from cl_lightning.methods.base import ContinualModule, RequiredPlugin, make_optimizer
 
 
 class GDumb(ContinualModule):
@@ -30,8 +30,12 @@ class GDumb(ContinualModule):
         epochs: passes over the memory per retraining.
         train_batch_size: batch size of the retraining.
         seed: seeds the re-initialisation and the batch order of every retraining.
-        plugins: must hold one ``RehearsalPlugin`` with ``insertion: task_end`` and ``balance: class``.
+        plugins: must hold one ``RehearsalPlugin`` with ``insertion: task_end`` and ``balance: class`` (its
+            ``memory_size`` is GDumb's budget: not added with a default).
     """
+
+    required_plugins = (RequiredPlugin(RehearsalPlugin, add_default=False,
+                                       settings={"insertion": "task_end", "balance": "class"}),)
 
     def __init__(self, backbone: nn.Module | None = None, lr: float = 0.05, optimizer: str = "sgd",
                  momentum: float = 0.9, weight_decay: float = 1e-6, epochs: int = 30, train_batch_size: int = 16,
@@ -40,12 +44,12 @@ class GDumb(ContinualModule):
         super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins, compile=compile)
         if epochs < 1 or train_batch_size < 1:
             raise ValueError(f"epochs={epochs} and train_batch_size={train_batch_size} must be at least 1")
-        found = [p for p in self.plugins if isinstance(p, RehearsalPlugin)]
-        if len(found) != 1 or found[0].insertion != "task_end" or found[0].balance != "class":
-            raise ValueError("plugins: GDumb needs exactly one RehearsalPlugin with insertion: task_end "
-                             "and balance: class")
-        self.sampler = found[0]
         self.epochs, self.train_batch_size, self.seed = epochs, train_batch_size, seed
+
+    @property
+    def sampler(self) -> RehearsalPlugin:
+        """The class-balanced memory the retraining reads (its ``memory``, never changed here)."""
+        return self.plugin_of(RehearsalPlugin)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         """The stream only passes by: the memory plugin keeps what it needs at the task's end."""

@@ -14,7 +14,9 @@ reason SGD (the paper's optimizer) is the default: Adam rescales the tiny gradie
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 from cl_lightning.callback import ContinualCallback
 from cl_lightning.callbacks.hat import HardAttention
 from cl_lightning.methods.base import ContinualModule, fit_body, per_task_outputs
-from cl_lightning.nets.hat import HATMLP
+from cl_lightning.nets.hat import HATMLP, annealed_temperature
 from cl_lightning.tasks import BenchmarkInfo, Scenario
 
 
@@ -55,7 +57,7 @@ class HAT(ContinualModule):
             raise ValueError(f"weight_decay={weight_decay}: HAT needs 0 (decay would move the weights its masks "
                              "protect)")
         self.s_max = float(s_max)
-        #: The training temperature of the current step (set by the plugin's annealing).
+        #: The training temperature of the current step (annealed in ``on_train_batch_start``).
         self.s = self.s_max
         #: The gates of the last training forward pass, for the sparsity regulariser.
         self.last_gates: list[Tensor] | None = None
@@ -78,6 +80,11 @@ class HAT(ContinualModule):
     def gates(self, task: int, s: float | None = None) -> list[Tensor]:
         """Task ``task``'s gates at ``s`` (default: ``s_max``)."""
         return self.backbone.gates(task, self.s_max if s is None else s)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """The gates' temperature for this batch of the epoch: ``1/s_max`` at the first, ``s_max`` at the last."""
+        batches = self.trainer.num_training_batches
+        self.s = annealed_temperature(batch_idx, int(batches) if math.isfinite(batches) else 1, self.s_max)
 
     # ------------------------------------------------------------------ forward
     def task_features(self, x: Tensor, task: int) -> Tensor:

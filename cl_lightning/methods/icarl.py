@@ -17,24 +17,27 @@ from torch import Tensor, nn
 
 from cl_lightning.callback import ContinualCallback, TaskLoss
 from cl_lightning.callbacks.icarl import ICaRLExemplars
-from cl_lightning.methods.base import ContinualModule
+from cl_lightning.methods.base import ContinualModule, RequiredPlugin
 from cl_lightning.tasks import Scenario
 
 
 class ICaRL(ContinualModule):
-    """Class-IL. Takes the arguments of ``ContinualModule``; ``plugins`` must hold one ``ICaRLExemplars``."""
+    """Class-IL. Takes the arguments of ``ContinualModule``; ``plugins`` must hold one ``ICaRLExemplars`` (its
+    memory budget is iCaRL's main setting: not added with a default). The loss and the class means are the
+    plugin's (``ICaRLExemplars.loss``, ``.means``), read here, never changed."""
 
     supported_scenarios = frozenset({Scenario.CLASS_IL})
+    required_plugins = (RequiredPlugin(ICaRLExemplars, add_default=False),)
 
     def __init__(self, backbone: nn.Module | None = None, lr: float = 1e-3, optimizer: str = "adam",
                  momentum: float = 0.0, weight_decay: float = 0.0,
                  plugins: Sequence[ContinualCallback] | None = None,
                  compile: bool | str = False):
         super().__init__(backbone, lr, optimizer, momentum, weight_decay, plugins, compile=compile)
-        found = [p for p in self.plugins if isinstance(p, ICaRLExemplars)]
-        if len(found) != 1:
-            raise ValueError(f"plugins: ICaRL needs exactly one ICaRLExemplars plugin (got {len(found)})")
-        self.exemplars = found[0]
+
+    @property
+    def exemplars(self) -> ICaRLExemplars:
+        return self.plugin_of(ICaRLExemplars)
 
     def task_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> TaskLoss:
         x, y, t = batch

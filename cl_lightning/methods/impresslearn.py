@@ -181,7 +181,7 @@ class ImpressLearn(SupermaskModule):
         sum is scaled so that DDP's gradient average is the 1-process loss's gradient. So DDP learns the
         same masks as one process.
         """
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         world = trainer.world_size if trainer is not None else 1
         m, b = self.basis_size, len(y)
         keep = max(1, round(self.homogeneous_subsample * b * world))

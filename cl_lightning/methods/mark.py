@@ -120,12 +120,9 @@ class MARK(ContinualModule):
                              "not negative")
         if feature_dim is not None and feature_dim < 1:
             raise ValueError(f"feature_dim={feature_dim} must be positive (or null)")
-        meta_plugins = [p for p in self.plugins if isinstance(p, MARKMetaUpdate)]
-        if kb_update == "meta" and not meta_plugins:
-            self.plugins.append(MARKMetaUpdate())  # required by the meta update, with its defaults
-        if len(meta_plugins) > 1:
-            raise ValueError(f"plugins: MARK takes one MARKMetaUpdate, got {len(meta_plugins)}")
-        if kb_update != "meta" and meta_plugins:
+        if kb_update == "meta":  # required by the meta update (added with its defaults)
+            self.require_plugin(MARKMetaUpdate)
+        elif any(isinstance(p, MARKMetaUpdate) for p in self.plugins):
             raise ValueError(f"kb_update={kb_update!r} does not use the MARKMetaUpdate plugin: remove it")
         if use_masks and mask_activation not in ("relu", "sigmoid"):
             raise ValueError(f"mask_activation={mask_activation!r} is not one of ['relu', 'sigmoid']")
@@ -144,8 +141,8 @@ class MARK(ContinualModule):
         self.meta_steps = meta_steps
         self.outer_lr, self.outer_weight_decay = outer_lr, outer_weight_decay
         self.automatic_optimization = False
-        #: Set by a meta step, read (and cleared) by the plugin in ``on_before_optimizer_step``.
-        self.pending_meta_step: int | None = None
+        #: The meta step whose optimizer step is under way (``current_meta_step``), else None; set here only.
+        self.meta_step_now: int | None = None
         self.run_seed = 0
         self.batches_per_epoch = 1
         #: Relative change of the KB over each task, ``||theta_end - theta_start|| / ||theta_start||``.
@@ -313,12 +310,17 @@ class MARK(ContinualModule):
         """Dropout keep-mask of this rank's rows of the global batch, from a seeded generator."""
         if self.dropout == 0:
             return None
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
+        trainer = self.attached_trainer()
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         g = torch.Generator().manual_seed(_seed(self.run_seed, 7, self.current_epoch, batch_idx))
         u = torch.rand(rows * world, self.latent_dim, generator=g)[rank * rows:(rank + 1) * rows]
         return (u >= self.dropout).float().to(self.device)
 
     # ------------------------------------------------------------------ training
+    def current_meta_step(self) -> int | None:
+        """The index of the meta step whose optimizer step is under way, or None (any other step)."""
+        return self.meta_step_now
+
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         phase, index = self.phase_at(self.current_epoch, batch_idx)
         if phase is None:
@@ -327,11 +329,12 @@ class MARK(ContinualModule):
         opts = self.optimizers()
         opt = (opts if isinstance(opts, list) else [opts])[names.index(phase)]
         if phase == "meta":
-            self.pending_meta_step = index  # the plugin writes the KB's gradient before the step
-            opt.step()
+            self.meta_step_now = index  # the plugin asks for it and writes the KB's gradient before the step
+            try:
+                opt.step()
+            finally:
+                self.meta_step_now = None
             opt.zero_grad(set_to_none=True)
-            if self.pending_meta_step is not None:
-                raise RuntimeError("the meta step was not computed: is MARKMetaUpdate among the plugins?")
             return
         x, y, _ = batch
         t = self.current_task
@@ -361,11 +364,12 @@ class MARK(ContinualModule):
 
     def _average_over_ranks(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """Mean over DDP ranks (equal shards: the gradient of the global batch's mean loss)."""
-        if self._trainer is None or self.trainer.world_size < 2:
+        trainer = self.attached_trainer()
+        if trainer is None or trainer.world_size < 2:
             return list(grads)
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
-        flat /= self.trainer.world_size
+        flat /= trainer.world_size
         out, offset = [], 0
         for g in grads:
             out.append(flat[offset: offset + g.numel()].view_as(g))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from cl_lightning.callback import ContinualCallback
-from cl_lightning.callbacks.packnet import FREE, PackNetPruning
+from cl_lightning.callbacks.packnet import PackNetPruning
 from cl_lightning.methods.base import ContinualModule, per_task_outputs
 from cl_lightning.nets import MLP
 from cl_lightning.tasks import BenchmarkInfo, Scenario
@@ -55,8 +55,9 @@ class PackNet(ContinualModule):
 
     def build(self, info: BenchmarkInfo) -> None:
         super().build(info)
-        if info.num_tasks >= FREE:
-            raise ValueError(f"PackNet keeps owners below {FREE}: at most {FREE - 1} tasks, not {info.num_tasks}")
+        free = PackNetPruning.FREE
+        if info.num_tasks >= free:
+            raise ValueError(f"PackNet keeps owners below {free}: at most {free - 1} tasks, not {info.num_tasks}")
         self.owner_names = [n for n, p in self.backbone.named_parameters() if p.dim() > 1]
         if not self.owner_names:
             raise ValueError(f"backbone {type(self.backbone).__name__} has no weight matrices to prune")
@@ -113,5 +114,5 @@ class PackNet(ContinualModule):
         owners = torch.cat([o.flatten() for _, _, o in self.prunable()])
         details: dict[str, int | float] = {f"weights_task_{t}": int((owners == t).sum())
                                            for t in range(self.info.num_tasks)}
-        details["weights_free"] = int((owners == FREE).sum())
+        details["weights_free"] = int((owners == PackNetPruning.FREE).sum())
         return details

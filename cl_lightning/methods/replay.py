@@ -110,7 +110,7 @@ class VAEReplayModule(ContinualModule, ABC):
 
     def noise(self, rows: int, salt: int) -> Tensor:
         """Standard normal ``[rows, latent]`` for this rank's rows of the step's global batch."""
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         step = int(self.steps_before_task) + int(self.global_step)
         seed = ((torch.initial_seed() * 1_000_003 + self.current_task) * 1_000_003 + step) * 31 + salt

@@ -17,6 +17,14 @@ from torch import Tensor, nn
 from cl_lightning.nets.mlp import ACTIVATIONS
 
 
+def annealed_temperature(batch: int, batches: int, s_max: float) -> float:
+    """HAT's ``s`` for 0-based ``batch`` of ``batches``: ``1/s_max`` at the first, ``s_max`` at the last (the paper's
+    annealing, ``s = 1/s_max + (s_max - 1/s_max) b / (B - 1)``)."""
+    if batches <= 1:
+        return s_max
+    return 1.0 / s_max + (s_max - 1.0 / s_max) * batch / (batches - 1)
+
+
 class HATMLP(nn.Module):
     """Flatten, then ``hidden_sizes`` gated linear layers (``activation(W h + b) * gate``).
 
