@@ -12,10 +12,12 @@ Two settings (``--part``):
 - ``der``: the DER paper's own protocol and Mammoth's tuned hyper-parameters (``utils/best_args.py``), beside the
   paper's Table 2 means: Seq-MNIST class-IL (5 tasks, stream batch 10), P-MNIST and R-MNIST domain-IL (20 tasks,
   batch 128, a uniform random angle in [0, 180) per R-MNIST task); all training images, one epoch per task, plain
-  SGD, MLP 784-100-100-10 with Xavier-uniform weights and zero biases (Mammoth's ``MNISTMLP``). ``--der-benchmarks``
-  picks among ``seq perm rot``. Mammoth's ER takes one cross-entropy over the current batch concatenated with
-  the replayed one, ``(B CE_cur + m CE_mem) / (B + m)``, where our ``ExperienceReplay`` adds ``CE_cur + CE_mem``;
-  with plain SGD that is the same step at the learning rate scaled by ``B / (B + m)``, which this protocol uses.
+  SGD, MLP 784-100-100-10 (PyTorch's default initialisation). Every row is an experiment file,
+  ``configs/experiment/mammoth_<benchmark>_<method>[_<buffer>].yaml``, that this script composes (``python train.py
+  experiment=<name>`` reruns one row). ``--der-benchmarks`` picks among ``seq perm rot``. Mammoth's ER takes one
+  cross-entropy over the current batch concatenated with the replayed one, ``(B CE_cur + m CE_mem) / (B + m)``, where
+  our ``ExperienceReplay`` adds ``CE_cur + CE_mem``; with plain SGD that is the same step at the learning rate scaled
+  by ``B / (B + m)``, which the ER files use.
 
 Times are ``train_seconds`` of the run (training only, evaluation excluded) and, as the machine may be shared,
 each is also given as a ratio to fine-tuning measured in the same script run.
@@ -35,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import data_dir  # noqa: E402
+from benchmarks.common import data_dir, timed_run  # noqa: E402
 from cl_lightning.callbacks import (  # noqa: E402
     AGEM,
     EWC,
@@ -47,7 +49,8 @@ from cl_lightning.callbacks import (  # noqa: E402
     RehearsalPlugin,
 )
 from cl_lightning.callbacks.icarl import ICaRLExemplars  # noqa: E402
-from cl_lightning.datamodules import PermutedMNIST, RotatedMNIST, SplitMNIST  # noqa: E402
+from cl_lightning.config import compose  # noqa: E402
+from cl_lightning.datamodules import PermutedMNIST, SplitMNIST  # noqa: E402
 from cl_lightning.methods import ERACE, ContinualModule, GDumb, ICaRL  # noqa: E402
 from cl_lightning.nets import MLP  # noqa: E402
 from cl_lightning.runner import ContinualRunner  # noqa: E402
@@ -84,37 +87,14 @@ def seqmnist_methods(buffer: int, batch: int) -> dict:
     }
 
 
-#: Mammoth's tuned hyper-parameters for the DER paper's MNIST protocol (aimagelab/mammoth ``utils/best_args.py``; its
-#: MNIST values are the same at commits 7ab9db97 and e75a491c). Per benchmark, method and buffer (0: no memory):
-#: SGD ``lr``, ``mbs`` (samples replayed per step; A-GEM's reference batch), DER's ``alpha`` / ``beta``, GEM's
-#: margin ``gamma``, LwF's ``wd`` (Mammoth adds ``wd * ||theta||^2`` to the loss: weight decay ``2 * wd`` here).
-#: ``er_ace`` (not in the DER paper nor in Mammoth's MNIST arguments) takes ER's; ``gdumb`` keeps its own recipe.
-MAMMOTH: dict[str, dict[str, dict[int, dict[str, float]]]] = {
-    "seq": {"sgd": {0: {"lr": 0.03}}, "lwf": {0: {"lr": 0.03, "wd": 0.0005}},
-            "er": {200: {"lr": 0.01, "mbs": 10}, 500: {"lr": 0.1, "mbs": 10}},
-            "gem": {200: {"lr": 0.01, "gamma": 1.0}, 500: {"lr": 0.03, "gamma": 0.5}},
-            "agem": {200: {"lr": 0.1, "mbs": 128}, 500: {"lr": 0.1, "mbs": 128}},
-            "icarl": {200: {"lr": 0.1, "mbs": 10}, 500: {"lr": 0.1, "mbs": 10}},
-            "der": {200: {"lr": 0.03, "mbs": 10, "alpha": 0.2}, 500: {"lr": 0.03, "mbs": 128, "alpha": 1.0}},
-            "derpp": {200: {"lr": 0.03, "mbs": 128, "alpha": 0.2, "beta": 1.0},
-                      500: {"lr": 0.03, "mbs": 10, "alpha": 1.0, "beta": 0.5}}},
-    "perm": {"sgd": {0: {"lr": 0.2}},
-             "er": {200: {"lr": 0.2, "mbs": 128}, 500: {"lr": 0.2, "mbs": 128}},
-             "gem": {200: {"lr": 0.1, "gamma": 0.5}, 500: {"lr": 0.1, "gamma": 0.5}},
-             "agem": {200: {"lr": 0.1, "mbs": 128}, 500: {"lr": 0.1, "mbs": 128}},
-             "der": {200: {"lr": 0.2, "mbs": 128, "alpha": 1.0}, 500: {"lr": 0.2, "mbs": 128, "alpha": 1.0}},
-             "derpp": {200: {"lr": 0.1, "mbs": 128, "alpha": 1.0, "beta": 1.0},
-                       500: {"lr": 0.2, "mbs": 128, "alpha": 1.0, "beta": 0.5}}},
-    "rot": {"sgd": {0: {"lr": 0.2}},
-            "er": {200: {"lr": 0.2, "mbs": 128}, 500: {"lr": 0.2, "mbs": 128}},
-            "gem": {200: {"lr": 0.01, "gamma": 0.5}, 500: {"lr": 0.01, "gamma": 0.5}},
-            "agem": {200: {"lr": 0.1, "mbs": 128}, 500: {"lr": 0.3, "mbs": 128}},
-            "der": {200: {"lr": 0.2, "mbs": 128, "alpha": 1.0}, 500: {"lr": 0.2, "mbs": 128, "alpha": 0.5}},
-            "derpp": {200: {"lr": 0.1, "mbs": 128, "alpha": 1.0, "beta": 0.5},
-                      500: {"lr": 0.2, "mbs": 128, "alpha": 0.5, "beta": 1.0}}},
-}
-MAMMOTH["seq"]["er_ace"] = MAMMOTH["seq"]["er"]
-MAMMOTH["seq"]["gdumb"] = {200: {}, 500: {}}
+#: The DER protocol's rows, in the table's order: experiment files ``configs/experiment/mammoth_<benchmark>_<method>``
+#: (plus ``_<buffer>`` for a memory), Mammoth's tuned hyper-parameters for the DER paper's MNIST protocol
+#: (aimagelab/mammoth ``utils/best_args.py``; its MNIST values are the same at commits 7ab9db97 and e75a491c) written
+#: in each file. ``er_ace`` (not in the DER paper nor in Mammoth's MNIST arguments) takes ER's; ``gdumb`` keeps its own
+#: recipe.
+DER_METHODS = ("sgd", "lwf", "er", "gem", "agem", "icarl", "der", "derpp", "er_ace", "gdumb")
+DER_BENCHMARKS = {"seq": "split_mnist", "perm": "permuted_mnist", "rot": "rotated_mnist"}
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiment"
 
 #: The DER paper's Table 2 means (%, "averaged across 10 runs"), as published with its code: the results table of
 #: Mammoth's first README (aimagelab/mammoth ``README.md`` at commit 7ab9db97). Its standard deviations for the
@@ -132,80 +112,43 @@ DER_TABLE2: dict[str, dict[tuple[str, int], float]] = {
             ("derpp", 200): 90.43, ("er", 500): 88.91, ("gem", 500): 81.15, ("agem", 500): 80.31,
             ("der", 500): 92.24, ("derpp", 500): 92.77},
 }
-DER_BATCH = {"seq": 10, "perm": 128, "rot": 128}
-DER_TASKS = {"seq": 5, "perm": 20, "rot": 20}
 
 
-def mammoth_mlp() -> MLP:
-    """Mammoth's ``MNISTMLP`` initialisation: Xavier-uniform weights, zero biases."""
-    net = MLP(hidden_sizes=[100, 100])
-    for m in net.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.xavier_uniform_(m.weight)
-            torch.nn.init.zeros_(m.bias)
-    return net
+def der_experiment(bench: str, method: str, buffer: int) -> str | None:
+    """The experiment file of a row of the DER protocol's table (None: the method has no row at that buffer)."""
+    name = f"mammoth_{DER_BENCHMARKS[bench]}_{method}" + (f"_{buffer}" if buffer else "")
+    return name if (EXPERIMENTS / f"{name}.yaml").exists() else None
 
 
-def der_model(name: str, buffer: int, hp: dict[str, float], seed: int, batch: int) -> ContinualModule:
-    """One method of the DER protocol with Mammoth's arguments ``hp``: plain SGD, no momentum; ``batch`` is the
-    stream's batch size."""
-    mbs = int(hp.get("mbs", 10))
-    lr = hp["lr"] * batch / (batch + mbs) if name == "er" else hp["lr"]  # Mammoth's concatenated-batch mean
-    plugins = {
-        "sgd": list, "lwf": lambda: [LwF(1.0, 2.0)],
-        "er": lambda: [ExperienceReplay(buffer, mbs, seed=seed)],
-        "er_ace": lambda: [ExperienceReplay(buffer, mbs, seed=seed)],
-        "gem": lambda: [GEM(buffer, margin=hp["gamma"], seed=seed)],
-        "agem": lambda: [AGEM(buffer, mbs, seed=seed)],
-        "icarl": lambda: [ICaRLExemplars(buffer, mbs, seed=seed)],
-        "der": lambda: [DarkExperienceReplay(buffer, mbs, alpha=hp["alpha"], seed=seed)],
-        "derpp": lambda: [DarkExperienceReplay(buffer, mbs, alpha=hp["alpha"], beta=hp["beta"], seed=seed)],
-        "gdumb": lambda: [RehearsalPlugin(buffer, insertion="task_end", balance="class", seed=seed)],
-    }[name]()
-    if name == "gdumb":  # its own recipe: SGD + cosine schedule from scratch on the memory, 30 epochs
-        return GDumb(mammoth_mlp(), plugins=plugins, seed=seed)
-    cls = {"icarl": ICaRL, "er_ace": ERACE}.get(name, ContinualModule)
-    return cls(mammoth_mlp(), lr=lr, optimizer="sgd", weight_decay=2 * hp.get("wd", 0.0), plugins=plugins)
-
-
-def der_data(bench: str, root: str, seed: int, samples: int | None):
-    """The DER paper's benchmarks: Seq-MNIST class-IL, P-MNIST and R-MNIST domain-IL with 20 tasks."""
-    if bench == "seq":
-        return SplitMNIST(data_dir=root, scenario="class", batch_size=DER_BATCH[bench],
-                          train_samples_per_task=samples, eval_batch_size=2000, seed=seed)
-    if bench == "perm":
-        return PermutedMNIST(num_tasks=DER_TASKS[bench], data_dir=root, batch_size=DER_BATCH[bench],
-                             train_samples_per_task=samples, eval_batch_size=2000, seed=seed)
-    angles = np.random.default_rng(seed).uniform(0.0, 180.0, DER_TASKS[bench]).tolist()
-    return RotatedMNIST(num_tasks=DER_TASKS[bench], angles=angles, data_dir=root, batch_size=DER_BATCH[bench],
-                        train_samples_per_task=samples, eval_batch_size=2000, seed=seed)
-
-
-def der_table(bench: str, root: str, seeds: list[int], buffers: list[int], out: Path, only: list[str] | None,
+def der_table(bench: str, root: str, seeds: list[int], buffers: list[int], only: list[str] | None,
               samples: int | None) -> None:
     title = {"seq": "Seq-MNIST class-IL", "perm": "P-MNIST domain-IL", "rot": "R-MNIST domain-IL"}[bench]
-    print(f"\n### {title} ({DER_TASKS[bench]} tasks), the DER protocol: batch {DER_BATCH[bench]}, SGD, "
+    extra = [f"benchmark.train_samples_per_task={samples}"] if samples else []
+    setting = compose([f"experiment={der_experiment(bench, 'sgd', 0)}", "logger=none"])["benchmark"]["init_args"]
+    print(f"\n### {title} ({setting['num_tasks']} tasks), the DER protocol: batch {setting['batch_size']}, SGD, "
           f"{samples or 'all'} samples/task, 1 epoch, seeds {seeds}\n")
-    print("| method | buffer | ours ACC (%) | ours BWT (%) | DER paper (Table 2 mean) | train s | x sgd |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | buffer | experiment | ours ACC (%) | ours BWT (%) | DER paper (Table 2 mean) | train s | x sgd |")
+    print("|---|---|---|---|---|---|---|---|")
     base = None
-    for name, per_buffer in MAMMOTH[bench].items():
+    for name in DER_METHODS:
         if only and name not in only:
             continue
-        for buffer in [0] if 0 in per_buffer else [b for b in buffers if b in per_buffer]:
+        for buffer in [0, *buffers]:
+            experiment = der_experiment(bench, name, buffer)
+            if experiment is None:
+                continue
             accs, bwts, secs = [], [], []
             for seed in seeds:
-                L.seed_everything(seed, verbose=False)
-                model = der_model(name, buffer, per_buffer[buffer], seed, DER_BATCH[bench])
-                m = run_model(model, der_data(bench, root, seed, samples), seed,
-                              out / f"run_{len(list(out.iterdir()))}")
+                cfg = compose([f"experiment={experiment}", "logger=none", f"data_dir={root}", f"seed={seed}",
+                               "trainer.enable_progress_bar=false", *extra])
+                m, _ = timed_run(cfg)
                 accs.append(100 * m["ACC"])
                 bwts.append(100 * m["BWT"])
                 secs.append(m["train_seconds"])
             t = float(np.mean(secs))
             base = base or t
             paper = DER_TABLE2[bench].get((name, buffer))
-            print(f"| {name} | {buffer or '-'} | {spread(accs)} | {spread(bwts)} | "
+            print(f"| {name} | {buffer or '-'} | `{experiment}` | {spread(accs)} | {spread(bwts)} | "
                   f"{'-' if paper is None else f'{paper:.2f}'} | {t:.1f} | {t / base:.2f} |", flush=True)
 
 
@@ -290,7 +233,7 @@ def main() -> None:
                       seqmnist_methods(buffer, args.seq_batch), seq, args.seeds, tmp, args.methods)
         if args.part == "der":  # not in "all": the paper's full protocol takes hours on a laptop CPU
             for bench in args.der_benchmarks:
-                der_table(bench, root, args.seeds, args.buffers, tmp, args.methods, args.der_samples)
+                der_table(bench, root, args.seeds, args.buffers, args.methods, args.der_samples)
 
 
 if __name__ == "__main__":

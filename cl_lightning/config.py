@@ -6,6 +6,9 @@ One format for both front doors: YAML whose objects are ``class_path`` / ``init_
 overrides, then checks every key against the signatures of the classes it names, so a typo fails
 before any training with the nearest valid names.
 
+An experiment file may build on another (``defaults: {experiment: <name>}``): the other's groups and values
+first, then its own, so a benchmark row that differs from another in a few keys is a few lines.
+
 Override paths may skip ``init_args``: ``method.lr=0.01`` means ``method.init_args.lr=0.01``, and a list
 of objects can be indexed by class name: ``method.plugins.EWC.strength=100``.
 """
@@ -175,12 +178,8 @@ def compose(overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR,
         cfg["experiment"] = None  # train.yaml's experiment is the argument-less run's; a chosen group drops it
     exp_name = selections.pop("experiment", None) or cfg.get("experiment")
     if exp_name and exp_name != "none" and base is None:
-        exp = load_group_file("experiment", exp_name, config_dir) or {}
-        for group, name in dict(exp.pop("defaults", {})).items():
-            if group not in GROUPS:
-                raise ConfigError(f"experiment {exp_name!r}: defaults key {group!r}: {nearest(group, GROUPS)}")
-            defaults[group] = name
-        experiment_values = flatten(exp) if exp else []
+        exp_defaults, experiment_values = load_experiment(exp_name, config_dir)
+        defaults.update(exp_defaults)
         cfg["experiment"] = exp_name
     defaults.update(selections)
     for group, name in defaults.items():
@@ -204,6 +203,29 @@ def compose(overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR,
         raise ConfigError(f"cannot resolve the config: {err}") from None
     validate(resolved)
     return resolved
+
+
+def load_experiment(name: str, config_dir: Path = CONFIG_DIR,
+                    chain: tuple[str, ...] = ()) -> tuple[dict[str, str], list[tuple[str, Any]]]:
+    """An experiment file's group choices and values (dotted path, value), those of the experiment it names in
+    ``defaults: {experiment: ...}`` first: a row that differs from another in a few keys says only those
+    (``mammoth_split_mnist_er_200`` is ``mammoth_split_mnist`` with ER's plugin and learning rate)."""
+    if name in chain:
+        raise ConfigError(f"experiment {name!r} includes itself: {' -> '.join((*chain, name))}")
+    exp = load_group_file("experiment", name, config_dir) or {}
+    if not isinstance(exp, dict):
+        raise ConfigError(f"experiment {name!r}: the file must be a mapping of config keys (got {exp!r})")
+    own = dict(exp.pop("defaults", None) or {})
+    parent = own.pop("experiment", None)
+    if parent is not None and str(parent) not in available("experiment", config_dir):
+        raise ConfigError(f"experiment {name!r}: defaults.experiment={parent!r} is unknown: "
+                          f"{nearest(str(parent), available('experiment', config_dir))}")
+    defaults, values = ({}, []) if parent is None else load_experiment(str(parent), config_dir, (*chain, name))
+    for group, group_name in own.items():
+        if group not in GROUPS:
+            raise ConfigError(f"experiment {name!r}: defaults key {group!r}: {nearest(group, (*GROUPS, 'experiment'))}")
+        defaults[group] = group_name
+    return defaults, values + (flatten(exp) if exp else [])
 
 
 def link_data_dir(cfg: dict[str, Any]) -> None:

@@ -14,7 +14,9 @@ import textwrap
 from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 import torchvision
 from torch import Tensor
@@ -245,12 +247,14 @@ class PermutedMNIST(_TransformedMNIST):
 
 
 class RotatedMNIST(_TransformedMNIST):
-    """Each task rotates every image by its own angle (degrees): ``angles``, or evenly spaced in
-    ``[0, max_angle)``."""
+    """Each task rotates every image by its own angle (degrees): ``angles``, evenly spaced in ``[0, max_angle)``
+    (``None``), or drawn uniformly in ``[0, max_angle)`` from the benchmark seed (``random``, as Mammoth's
+    ``rot-mnist`` in the DER paper's protocol)."""
 
     name = "rotated_mnist"
 
-    def __init__(self, num_tasks: int = 10, angles: Sequence[float] | None = None, max_angle: float = 180.0,
+    def __init__(self, num_tasks: int = 10, angles: Sequence[float] | Literal["random"] | None = None,
+                 max_angle: float = 180.0,
                  data_dir: str | None = None, download: bool = True, batch_size: int = 128,
                  scenario: str = "domain", seed: int = 0, train_samples_per_task: int | None = None,
                  val_fraction: float = 0.0, eval_batch_size: int = 1000, pixels: str = "unit"):
@@ -260,6 +264,10 @@ class RotatedMNIST(_TransformedMNIST):
                          val_fraction=val_fraction, eval_batch_size=eval_batch_size)
         if angles is None:
             angles = [max_angle * i / num_tasks for i in range(num_tasks)]
+        elif isinstance(angles, str):
+            if angles != "random":
+                raise ValueError(f"angles={angles!r} must be a list of degrees, null or 'random'")
+            angles = np.random.default_rng(seed).uniform(0.0, max_angle, num_tasks).tolist()
         if len(angles) != num_tasks:
             raise ValueError(f"angles={list(angles)} must have num_tasks={num_tasks} entries")
         self.angles = [float(a) for a in angles]
