@@ -62,19 +62,18 @@ def settings(method: str) -> list[tuple[str, str]]:
     return runs
 
 
-def command(method: str, benchmark: str, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+def command(method: str, benchmark: str, run_dir: Path) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), f"method={method}", f"benchmark={benchmark}", "logger=none",
-            f"output_dir={run_dir}", "trainer.enable_progress_bar=false", *extra]
+            f"output_dir={run_dir}", "trainer.enable_progress_bar=false"]
 
 
-def run_default(method: str, benchmark: str, scenario: str, extra: tuple[str, ...] = (),
-                timeout: float | None = None) -> dict[str, Any]:
+def run_default(method: str, benchmark: str, scenario: str, timeout: float | None = None) -> dict[str, Any]:
     """One ``train.py`` process; its metrics, wall time and the command a user would type."""
     typed = f"python train.py method={method}" + ("" if benchmark == "split_mnist" else f" benchmark={benchmark}")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         env = {**os.environ, "CL_DATA_DIR": data_dir(), "WANDB_SILENT": "true"}
-        cmd = command(method, benchmark, run_dir, extra)
+        cmd = command(method, benchmark, run_dir)
         if benchmark != "split_mnist" or scenario != "task":
             cmd.append(f"benchmark.scenario={scenario}")
         began = time.perf_counter()
