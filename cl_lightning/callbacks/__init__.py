@@ -7,6 +7,7 @@ from cl_lightning.callbacks.gradient_sign import GradientSignFilter
 from cl_lightning.callbacks.hat import HardAttention
 from cl_lightning.callbacks.hnet_regularizer import OutputRegularizer
 from cl_lightning.callbacks.icarl import ICaRLExemplars
+from cl_lightning.callbacks.lr_schedule import CosineLR
 from cl_lightning.callbacks.lwf import LwF
 from cl_lightning.callbacks.mark_meta_update import MARKMetaUpdate
 from cl_lightning.callbacks.mask_basis import MaskBasisFreezing
@@ -16,6 +17,6 @@ from cl_lightning.callbacks.replay import DarkExperienceReplay, ExperienceReplay
 from cl_lightning.callbacks.si import SI
 from cl_lightning.callbacks.task_inference import ReplayModelRegularizer, TaskInferenceReplay
 
-__all__ = ["AGEM", "EWC", "GEM", "SI", "ARIConsolidation", "DarkExperienceReplay", "ExperienceReplay",
+__all__ = ["AGEM", "EWC", "CosineLR", "GEM", "SI", "ARIConsolidation", "DarkExperienceReplay", "ExperienceReplay",
            "GradientSignFilter", "HardAttention", "ICaRLExemplars", "LwF", "MARKMetaUpdate", "MaskBasisFreezing",
            "OutputRegularizer", "PackNetPruning", "RehearsalPlugin", "ReplayModelRegularizer", "TaskInferenceReplay"]
