@@ -5,6 +5,7 @@ model's head alone, lazy weight loading from a file, and exact resume."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -258,3 +259,34 @@ def test_resume_after_a_task_boundary_gives_the_same_accuracy_matrix(trained, tm
     model, dm = bound(methods()[name]())
     resumed = run_tasks(model, dm, run_dir, resume=True, max_epochs=3)
     assert resumed["R"] == full["R"] and len(full["R"]) == 3
+
+
+@pytest.mark.parametrize("name", ["l2p", "dualprompt", "coda_prompt", "simplecil"])
+def test_the_imagenet_r_experiment_runs_on_imagenet_r_files_with_a_weights_file(tmp_path, name):
+    """``experiment=<m>_imagenet_r`` through the config path on generated ImageNet-R files (2 tasks) with a tiny ViT
+    whose weights a file gives: it trains, the file's weights are the backbone's, and the input adapter turns the
+    benchmark's ImageNet normalisation into the weights' own (0.5 / 0.5)."""
+    from cl_lightning.config import compose
+    from cl_lightning.experiment import build
+    from tests.helpers.image_folders import fake_imagenet_r
+
+    source = tiny_vit(seed=7)
+    torch.save(source.vit.state_dict(), tmp_path / "tiny.pth")
+    layers = {"dualprompt": ["method.g_layers=[0]", "method.e_layers=[1,2]"], "coda_prompt": ["method.layers=[0,1]"],
+              "l2p": ["method.pool_size=4", "method.top_k=2"]}.get(name, [])
+    cfg = compose([f"experiment={name}_imagenet_r", f"data_dir={fake_imagenet_r(tmp_path / 'data', per_class=2)}",
+                   "benchmark.num_tasks=2", "benchmark.download=false", "benchmark.image_size=16",
+                   "benchmark.batch_size=8", "benchmark.num_workers=0", "trainer.max_epochs=1", "logger=none",
+                   "method.backbone.init_args.name=vit_tiny_patch16_224",
+                   f"method.backbone.init_args.weights={tmp_path / 'tiny.pth'}",
+                   "method.backbone.init_args.model_kwargs={img_size: 16, patch_size: 8, depth: 4, embed_dim: 32, "
+                   "num_heads: 2}", *layers])
+    model, dm = build(cfg)
+    result = run_tasks(model, dm, tmp_path / "run")
+    assert np.asarray(result["R"]).shape == (2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.vit.vit.state_dict().values(), source.vit.state_dict().values(),
+                                                 strict=True))
+    adapter = model.vit.input_adapter
+    x = torch.rand(2, 3, 16, 16)  # pixels in [0, 1]
+    imagenet = (x - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(adapter(imagenet), (x - 0.5) / 0.5, rtol=1e-5, atol=1e-5)
