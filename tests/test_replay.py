@@ -58,6 +58,34 @@ def test_distillation_loss_is_cross_entropy_to_the_softened_teacher():
     assert s.grad.abs().max() < 1e-6
 
 
+
+@pytest.mark.parametrize("padding", ["probability", "logit"])
+def test_class_il_soft_targets_widen_the_teachers_outputs_as_configured(padding):
+    """On task 1 of a class-IL split (2 classes a task), the teacher knows classes 0-1 and the student 0-3:
+    ``probability`` gives classes 2-3 zero probability (DGR+distill), ``logit`` pads the teacher's logits with
+    zeros before the softmax (the HNET authors' code); the loss is the distillation loss to those targets."""
+    dm = SplitMNIST(scenario="class")
+    model = ContinualModule(MLP(hidden_sizes=[8]))
+    plugin = Replay(class_il_padding=padding)
+    model.setup_tasks(dm.info)
+    model.current_task = 1
+    torch.manual_seed(0)
+    plugin.teacher = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    x, t = torch.randn(6, 1, 28, 28), torch.zeros(6, dtype=torch.long)
+    teacher = torch.func.functional_call(model, plugin.teacher, (x, t))[:, :2].detach()
+    if padding == "probability":
+        probs = torch.cat([F.softmax(teacher / 2.0, 1), torch.zeros(6, 2)], 1)
+    else:
+        probs = F.softmax(torch.cat([teacher, torch.zeros(6, 2)], 1) / 2.0, 1)
+    expected = distillation_loss(model(x, t)[:, :4], probs, 2.0)
+    torch.testing.assert_close(plugin.classifier_loss(model, x, t, None), expected)
+    assert (probs[:, 2:] > 0).all() == (padding == "logit")
+    with pytest.raises(ValueError, match="class_il_padding='zeros'"):
+        Replay(class_il_padding="zeros")
+
 # ---------------------------------------------------------------------------------------- class-IL forgetting
 class Task0Images(ContinualCallback):
     """After every task: the images the generator makes now for task 0 from fixed latents."""

@@ -6,8 +6,10 @@ targets of replayed inputs come from the model as it was before the task (the *t
 parameter and buffer taken at the task's start and kept in the plugin's checkpointed state):
 
 - ``soft`` (distillation, Hinton et al. 2015): ``T^2 * CE(softmax(teacher/T), softmax(student/T))``;
-  in class-IL the teacher's outputs are its old tasks' classes, padded with zero probability for the
-  current task's classes, and the student's are all classes seen so far (van de Ven & Tolias' DGR+distill);
+  in class-IL the teacher's outputs are its old tasks' classes and the student's all classes seen so far; the
+  current task's classes get zero probability (``class_il_padding: probability``, van de Ven & Tolias'
+  DGR+distill) or the teacher's logits are padded with zeros before the softmax (``logit``, the HNET authors'
+  code, ``hypercl``'s ``get_fake_data_loss``), which gives each of them the probability of a logit of 0;
 - ``hard``: cross-entropy on the teacher's argmax;
 - labels given by the source (a stored memory): cross-entropy on them, whatever ``targets`` says.
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from cl_lightning.methods.base import ContinualModule
 
 TARGETS = ("soft", "hard")
+PADDINGS = ("probability", "logit")
 
 
 @runtime_checkable
@@ -68,6 +71,9 @@ class Replay(ContinualCallback):
             code with ``l_rew=0.5``, up to a factor Adam ignores).
         targets: ``soft`` (distillation from the teacher) or ``hard`` (its argmax).
         temperature: the distillation temperature.
+        class_il_padding: in class-IL, how the teacher's old-class outputs are widened to the classes seen so
+            far for ``soft`` targets: ``probability`` (zero probability for the current task's classes) or
+            ``logit`` (zero logits, then the softmax).
         source: ``method`` (the method is the source: a generative replay method), ``memory`` (the one rehearsal
             plugin among the method's plugins), or a :class:`ReplaySource` object.
     """
@@ -75,7 +81,7 @@ class Replay(ContinualCallback):
     SOURCES = ("method", "memory")
 
     def __init__(self, batch_size: int = 128, weight: float = 1.0, targets: str = "soft", temperature: float = 2.0,
-                 source: str | ReplaySource = "method"):
+                 source: str | ReplaySource = "method", class_il_padding: str = "probability"):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
@@ -85,13 +91,15 @@ class Replay(ContinualCallback):
             raise ValueError(f"targets={targets!r} is not one of {list(TARGETS)}")
         if not temperature > 0:
             raise ValueError(f"temperature={temperature} must be positive")
+        if class_il_padding not in PADDINGS:
+            raise ValueError(f"class_il_padding={class_il_padding!r} is not one of {list(PADDINGS)}")
         if isinstance(source, str):
             if source not in self.SOURCES:
                 raise ValueError(f"source={source!r} is not one of {list(self.SOURCES)} (or a ReplaySource object)")
         elif not isinstance(source, ReplaySource):
             raise ValueError(f"source: {type(source).__name__} has no sample_replay(tasks, generator, teacher)")
         self.batch_size, self.weight, self.targets, self.temperature = batch_size, weight, targets, temperature
-        self.source = source
+        self.source, self.class_il_padding = source, class_il_padding
         #: The method's parameters and buffers at the start of the current task (None on the first task).
         self.teacher: dict[str, Tensor] | None = None
 
@@ -186,6 +194,8 @@ class Replay(ContinualCallback):
                 teacher = teacher[:, : current * info.outputs_per_task]
             if self.targets == "hard":
                 labels = teacher.argmax(1)
+            elif class_il and self.class_il_padding == "logit":
+                probs = F.softmax(F.pad(teacher, (0, seen - teacher.shape[1])) / self.temperature, dim=1)
             else:
                 probs = F.softmax(teacher / self.temperature, dim=1)
                 if class_il:  # the current task's classes get zero probability
