@@ -7,7 +7,8 @@
 Each benchmark runs four methods under the same protocol (1,000 training images per task, full test
 set, one epoch of batch 10, single-headed 784-100-100-10, Adam lr 1e-3 with weight decay 1e-3) through
 the same runner as ``train.py``: the ARI learner with its estimator (``experiment=ari_*``), with random
-selection (``experiment=ari_*_random``, the paper's Table 2 ablation), fine-tuning and EWC. It prints
+selection (``experiment=ari_*_random``, the paper's Table 2 ablation), fine-tuning (``experiment=ari_*_finetune``)
+and EWC (``experiment=ari_*_ewc``). It prints
 ACC and forgetting F (both in %), the mean training-trajectory ARI, wall time, the storage of the ARI
 learner against one base model, and what consolidation did at each task.
 """
@@ -30,24 +31,18 @@ PAPER = {  # (ACC, F) in %, the paper's Table 1 / Table 2
     "split": {"ari": (88.7, 0.5), "ari_random": (60.1, 40.1)},
     "permuted": {"ari": (84.2, 0.2), "ari_random": (45.4, 68.2)},
 }
-BENCHMARK = {"split": ("split_mnist", "class"), "permuted": ("permuted_mnist", "domain")}
-
-
-def gem_protocol(key: str) -> list[str]:
-    """The baselines under the ARI experiments' protocol (same benchmark settings, same base network)."""
-    bench, scenario = BENCHMARK[key]
-    return [f"benchmark={bench}", f"benchmark.scenario={scenario}", "benchmark.train_samples_per_task=1000",
-            "benchmark.batch_size=10", "trainer.max_epochs=1", "method.backbone.init_args.hidden_sizes=[100,100]",
-            "method.lr=0.001", "method.weight_decay=0.001"] + (["benchmark.num_tasks=10"] if key == "permuted" else [])
+BENCHMARK = {"split": "split_mnist", "permuted": "permuted_mnist"}
 
 
 def runs(key: str) -> dict[str, list[str]]:
-    name = "split_mnist" if key == "split" else "permuted_mnist"
+    """Each method's experiment file: the ARI learner's, and the baselines' under the same protocol (same
+    benchmark settings, same base network: ``experiment=ari_<benchmark>_<method>``)."""
+    name = BENCHMARK[key]
     return {
         "ari": [f"experiment=ari_{name}"],
         "ari_random": [f"experiment=ari_{name}_random"],
-        "finetune": ["method=finetune", *gem_protocol(key)],
-        "ewc": ["method=ewc", *gem_protocol(key)],
+        "finetune": [f"experiment=ari_{name}_finetune"],
+        "ewc": [f"experiment=ari_{name}_ewc"],
     }
 
 

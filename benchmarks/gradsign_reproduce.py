@@ -38,11 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cl_lightning.callbacks.gem import AGEM  # noqa: E402
 from cl_lightning.callbacks.gradient_sign import GradientSignFilter  # noqa: E402
+from cl_lightning.config import compose  # noqa: E402
 from cl_lightning.datamodules.mnist import PermutedMNIST  # noqa: E402
-from cl_lightning.methods.base import ContinualModule  # noqa: E402
-from cl_lightning.nets import MLP  # noqa: E402
+from cl_lightning.experiment import build  # noqa: E402
 from cl_lightning.runner import ContinualRunner  # noqa: E402
 
 PAPER = {"plain": "forgets: old tasks' accuracy decreases rapidly (Fig. 1a, curves only)",
@@ -76,31 +75,42 @@ class AccuracyCurve(L.Callback):
         self.points.append((module.current_task * self.steps_per_task + step, accs))
 
 
-def run(method: str, args: argparse.Namespace, seed: int, keep_rate: float | None = None) -> dict:
-    torch.manual_seed(seed)
-    dm = PermutedMNIST(num_tasks=args.tasks, data_dir=args.data_dir, batch_size=64,
-                       train_samples_per_task=args.train_samples)  # the permutations stay fixed (as in train.py)
-    plugins = []
+#: The experiment file of each run (``python train.py experiment=<name>`` reruns it at the paper's setting); the
+#: command line's values go on top of it as overrides (``overrides``).
+EXPERIMENTS = {"plain": "gradsign_permuted_mnist_sgd", "gradsign": "gradsign_permuted_mnist",
+               "gradsign_previous": "gradsign_permuted_mnist_previous", "random": "gradsign_permuted_mnist_random",
+               "memory": "gradsign_permuted_mnist_memory", "agem": "gradsign_permuted_mnist_agem"}
+
+
+def overrides(method: str, args: argparse.Namespace, seed: int, keep_rate: float | None = None) -> list[str]:
+    """The run's experiment file and the command line's setting on top of it (the plugin's seed is the run's)."""
+    words = [f"experiment={EXPERIMENTS[method]}", "logger=none", f"data_dir={args.data_dir}", f"seed={seed}",
+             "trainer.enable_progress_bar=false", f"trainer.max_steps={args.steps}",
+             f"benchmark.num_tasks={args.tasks}",  # the permutations stay fixed (the benchmark's own seed)
+             f"benchmark.train_samples_per_task={'null' if args.train_samples is None else args.train_samples}",
+             f"method.optimizer={args.optimizer}", f"method.lr={args.lr}"]
+    plugin = "method.plugins.AGEM" if method == "agem" else "method.plugins.GradientSignFilter"
     if method.startswith("gradsign"):
-        previous = method == "gradsign_previous"  # the previous value as a second input: no table
-        plugins = [GradientSignFilter(hidden_sizes=args.predictor_hidden, predictor_steps=args.predictor_steps,
-                                      distill_steps=args.predictor_steps, combine=args.combine, distill=args.distill,
-                                      distill_points=args.distill_points, seed=seed,
-                                      previous_value=previous, table_size=0 if previous else 4097)]
+        words += [f"{plugin}.hidden_sizes=[{','.join(map(str, args.predictor_hidden))}]",
+                  f"{plugin}.predictor_steps={args.predictor_steps}", f"{plugin}.distill_steps={args.predictor_steps}",
+                  f"{plugin}.combine={args.combine}", f"{plugin}.distill={str(args.distill).lower()}",
+                  f"{plugin}.distill_points={args.distill_points}"]
     elif method == "random":
-        plugins = [GradientSignFilter(reference="random", keep_rate=keep_rate, seed=seed)]
+        words.append(f"{plugin}.keep_rate={keep_rate}")
     elif method == "memory":
-        plugins = [GradientSignFilter(reference="memory", memory_size=args.memory_size,
-                                      memory_batch_size=args.memory_batch, seed=seed)]
+        words += [f"{plugin}.memory_size={args.memory_size}", f"{plugin}.memory_batch_size={args.memory_batch}"]
     elif method == "agem":
-        plugins = [AGEM(memory_size=args.memory_size, batch_size=args.memory_batch, seed=seed)]
-    model = ContinualModule(backbone=MLP(hidden_sizes=[256, 256, 256]), optimizer=args.optimizer, lr=args.lr,
-                            plugins=plugins)
+        words += [f"{plugin}.memory_size={args.memory_size}", f"{plugin}.batch_size={args.memory_batch}"]
+    return [*words, f"{plugin}.seed={seed}"] if method != "plain" else words
+
+
+def run(method: str, args: argparse.Namespace, seed: int, keep_rate: float | None = None) -> dict:
+    cfg = compose(overrides(method, args, seed, keep_rate))
+    model, dm = build(cfg)
+    plugins = model.plugins
     curve = AccuracyCurve(dm, args.curve_every, args.curve_samples, args.steps) if args.curve_every else None
-    trainer = {"accelerator": "cpu", "devices": 1, "max_epochs": -1, "max_steps": args.steps,
-               "enable_progress_bar": False, "log_every_n_steps": 50}
-    runner = ContinualRunner(model, dm, tempfile.mkdtemp(prefix=f"gradsign_{method}_"), trainer_kwargs=trainer,
-                             seed=seed)
+    runner = ContinualRunner(model, dm, tempfile.mkdtemp(prefix=f"gradsign_{method}_"), trainer_kwargs=cfg["trainer"],
+                             seed=cfg["seed"])
     original = runner.make_trainer
 
     def make_trainer(task: int, train: bool = True) -> L.Trainer:

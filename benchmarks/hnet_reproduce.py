@@ -72,8 +72,8 @@ def cmd_mnist(key: str, args: argparse.Namespace) -> None:
 
 def cmd_poly(args: argparse.Namespace) -> None:
     results = {}
-    for beta in (0.0, 0.05):
-        metrics, model = run_experiment("hnet_poly_regression", [f"method.plugins.OutputRegularizer.beta={beta}"])
+    for beta, name in ((0.0, "hnet_poly_regression_no_reg"), (0.05, "hnet_poly_regression")):
+        metrics, model = run_experiment(name, [])
         results[beta] = (metrics, model)
         R = np.asarray(metrics["R"])
         print(f"beta={beta}: test MSE during (diag) {np.round(np.diag(R), 4).tolist()}  "

@@ -7,16 +7,16 @@ report's Split CIFAR-100 figures; and the vectorised against the sequential meta
     python benchmarks/mark_reproduce.py permuted_mnist --runs mark kb_frozen --seeds 0 1 2   # larger scale, below
     python benchmarks/mark_reproduce.py speed                       # vmap vs sequential meta-update
 
-Every run is an experiment config (``experiment=mark_<benchmark>`` plus the ablation's method keys, the same
-ones as ``experiment=mark_split_cifar100_<ablation>``) through the same runner as ``train.py``, shortened to
-fit a 2-core CPU (``SCALE``): 1,000 training images per task, KB of 16/32/32 channels (the authors': 64/128/256;
-their MNIST code 32/64/128), latent 64, F of 8/8 channels, 3 epochs per phase (authors: 50), K=5 mini-tasks
-of S=20 inner steps (authors: 10 x 40), 5 outer steps per task (authors: 10), batch 64, task lr 0.1, inner lr
-0.01 and outer lr 0.001 as the authors; the meta-update runs its sequential form (equal, and faster on a
-CPU). Permuted-MNIST-10 adds ``PERMUTED_SCALE`` (its KB learns nothing at the scale above: mark.md): 5,000
-standardised images per task, KB of 32/64/128 channels, task lr 0.01 and 10 epochs per phase (``kb_epochs`` stays
-3); ``--override`` after it gives back the smaller scale. Prints ACC, BWT, mean diagonal of R (learning
-accuracy), the KB's relative drift over each task, storage and wall time.
+Every run is an experiment config through the same runner as ``train.py``: ``experiment=mark_<benchmark>_short``
+(``experiment=mark_<benchmark>`` shortened to fit a 2-core CPU) and ``experiment=mark_<benchmark>_short_<run>``
+(the ablation's method keys on it, the same ones as ``experiment=mark_split_cifar100_<run>``). The scale: 1,000
+training images per task, KB of 16/32/32 channels (the authors': 64/128/256; their MNIST code 32/64/128), latent
+64, F of 8/8 channels, 3 epochs per phase (authors: 50), K=5 mini-tasks of S=20 inner steps (authors: 10 x 40), 5
+outer steps per task (authors: 10), batch 64, task lr 0.1, inner lr 0.01 and outer lr 0.001 as the authors; the
+meta-update runs its sequential form (equal, and faster on a CPU). Permuted-MNIST-10's files go further (its KB
+learns nothing at the scale above: mark.md): 5,000 standardised images per task, KB of 32/64/128 channels, task lr
+0.01 and 10 epochs per phase (``kb_epochs`` stays 3); ``--override`` after it gives back the smaller scale. Prints
+ACC, BWT, mean diagonal of R (learning accuracy), the KB's relative drift over each task, storage and wall time.
 """
 
 from __future__ import annotations
@@ -47,42 +47,21 @@ PAPER = {"mark": (78.31, -0.27)}
 REPORT = {"mark": (80.36, -0.025), "baseline1": (30.61, -34.76), "masks_off": (39.62, -5.19),
           "baseline3": (30.69, -18.47), "kb_frozen": (80.13, 0.0)}
 
-SCALE = ["benchmark.train_samples_per_task=1000", "benchmark.batch_size=64", "method.kb_channels=[16,32,32]",
-         "method.latent_dim=64", "method.feature_channels=[8,8]", "method.feature_epochs=3",
-         "method.pretrain_epochs=3", "method.mask_epochs=3", "method.kb_epochs=3", "method.final_epochs=3",
-         "method.meta_steps=5"]
-#: The sequential meta-update: equal to the vectorised one (tests/test_mark_meta_update.py) and faster on a CPU.
-META_SCALE = ["method.plugins.MARKMetaUpdate.mini_tasks=5", "method.plugins.MARKMetaUpdate.inner_steps=20",
-              "method.plugins.MARKMetaUpdate.vectorised=false"]
-#: Permuted-MNIST-10 on top of ``SCALE``: where its KB learns (mark.md, "Why"; the authors' Permuted-MNIST loader
-#: standardises the pixels too).
-PERMUTED_SCALE = ["benchmark.train_samples_per_task=5000", "benchmark.pixels=standard", "method.lr=0.01",
-                  "method.kb_channels=[32,64,128]", "method.feature_epochs=10", "method.pretrain_epochs=10",
-                  "method.mask_epochs=10", "method.final_epochs=10"]
-NO_PLUGINS = "method.plugins=[]"
-#: Method keys of each run (the same as the mark_split_cifar100_<run> experiment configs).
-RUNS = {
-    "mark": [],
-    "reptile": ["method.plugins.MARKMetaUpdate.sign=reptile"],
-    "kb_frozen": ["method.meta_steps=0"],
-    "no_meta": ["method.kb_update=normal", NO_PLUGINS],
-    "masks_off": ["method.use_masks=false"],
-    "random_f": ["method.train_features=false"],
-    "random_kb": ["method.pretrain_kb=false", "method.kb_update=none", NO_PLUGINS],
-    "baseline1": ["method.use_masks=false", "method.kb_update=normal", "method.outer_lr=0.1",
-                  "method.outer_weight_decay=0.01", NO_PLUGINS],
-    "baseline3": ["method.kb_update=normal", "method.outer_lr=0.1", "method.outer_weight_decay=0.01", NO_PLUGINS],
-    "supsup": ["method.task_modules=supsup"],  # the report's section 6 (experiment=mark_split_mnist_supsup)
-    "sigmoid": ["method.mask_activation=sigmoid"],  # the authors' other mask activation (never all-zero)
-}
+#: The runs, each an experiment file: ``mark_<benchmark>_short`` (MARK at the shortened scale) and
+#: ``mark_<benchmark>_short_<run>`` (the run's method keys on it, the same ones as ``mark_split_cifar100_<run>``).
+RUNS = ("mark", "reptile", "kb_frozen", "no_meta", "masks_off", "random_f", "random_kb", "baseline1", "baseline3",
+        "supsup",  # the report's section 6 (experiment=mark_split_mnist_supsup)
+        "sigmoid")  # the authors' other mask activation (never all-zero)
+
+
+def experiment(benchmark: str, name: str) -> str:
+    """The experiment file of a run (``python train.py experiment=<it>`` reruns it)."""
+    return f"mark_{benchmark}_short" + ("" if name == "mark" else f"_{name}")
 
 
 def run(benchmark: str, name: str, seed: int, override: list[str] | None = None) -> tuple[dict, object]:
-    extra = RUNS[name]
-    meta = NO_PLUGINS not in extra
-    scale = SCALE + (PERMUTED_SCALE if benchmark == "permuted_mnist" else [])
-    cfg = compose([f"experiment=mark_{benchmark}", *scale, *(META_SCALE if meta else []), *extra, "logger=none",
-                   f"data_dir={data_dir()}", "trainer.enable_progress_bar=false", f"seed={seed}", *(override or [])])
+    cfg = compose([f"experiment={experiment(benchmark, name)}", "logger=none", f"data_dir={data_dir()}",
+                   "trainer.enable_progress_bar=false", f"seed={seed}", *(override or [])])
     return timed_run(cfg)
 
 
@@ -112,7 +91,7 @@ def speed(repeats: int = 3) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=["split_mnist", "split_fashion_mnist", "permuted_mnist", "speed"])
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small nets)")
     parser.add_argument("--override", nargs="*", default=[],
@@ -133,7 +112,7 @@ def main() -> None:
             diags.append(float(R.diagonal().mean()))
             walls.append(metrics["wall_seconds"])
             drifts.append([model.kb_drift[t] for t in sorted(model.kb_drift)])
-            print(f"\n== {name} seed {seed}: {' '.join(RUNS[name])}", flush=True)
+            print(f"\n== {name} seed {seed}: experiment={experiment(args.benchmark, name)}", flush=True)
             print("R (%):\n" + np.array2string(R, precision=1, max_line_width=150))
             print("KB drift per task: " + " ".join(f"{d:.2e}" for d in drifts[-1]))
             print("storage: " + ", ".join(f"{k} {v}" for k, v in metrics["storage"].items()), flush=True)

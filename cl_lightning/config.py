@@ -11,6 +11,27 @@ first, then its own, so a benchmark row that differs from another in a few keys 
 
 Override paths may skip ``init_args``: ``method.lr=0.01`` means ``method.init_args.lr=0.01``, and a list
 of objects can be indexed by class name: ``method.plugins.EWC.strength=100``.
+
+Why these checks are ours and not jsonargparse's (a dependency already: LightningCLI, ``cl-lightning``). The same
+bad inputs were given to both front doors (jsonargparse 4.53, ``python -m cl_lightning --model
+configs/method/ewc.yaml --data configs/benchmark/split_mnist.yaml ...`` against ``python train.py method=ewc ...``):
+
+- wrong key: jsonargparse printed its 60-line usage, then ``Parser key "data": Does not validate against any of
+  the Union subtypes ... Problem with given class_path 'cl_lightning.datamodules.SplitMNIST': Option 'batch_sise'
+  is not accepted``: the key, but neither the nearest names nor the valid ones. Ours: ``unknown key
+  benchmark.batch_sise for SplitMNIST: did you mean 'batch_size', 'eval_batch_size'? Valid: ...``. A misspelt
+  plugin key in a method file came two Union blocks deep with the whole method node printed back.
+- a misspelt Trainer key (``--trainer.max_epoch 2``) was taken as ``max_epochs`` (argparse's prefix matching) and
+  the run trained; ours: ``unknown key trainer.max_epoch for lightning.Trainer: did you mean 'max_epochs', ...``.
+- wrong type: ``Parser key "lr": Expected a <class 'float'>. Got value: abc`` (inside the same Union block):
+  the key, value and type, as ours (``method.lr='abc' must be float``). But its checker also converts where
+  ours refuses: of 10 annotations x 10 values, 8 pairs differ (``'1'`` for ``int`` becomes 1, ``'true'`` for
+  ``bool`` True, ``'1e-3'`` for ``float | str`` 0.001, ``[1, 2]`` for ``tuple[int, int]`` a tuple, ``1`` for
+  ``float`` 1.0), so using it would change what a config may say and the values a run gets.
+- missing file: ``--model configs/method/ewcc.yaml`` gave ``Expected a path but configs/method/ewcc.yaml either
+  not accessible or invalid`` and ``Unexpected import path format``; ours: ``unknown method 'ewcc': did you mean
+  'ewc'? Valid: ...``. (``--config missing.yaml``: ``File does not exist: '<path>'``, as clear; but our groups
+  are names of files under ``configs/``, and jsonargparse knows no such groups nor ``experiment=`` chains.)
 """
 
 from __future__ import annotations

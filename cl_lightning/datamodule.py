@@ -10,8 +10,12 @@ samples whatever the number of processes: 2 ranks see exactly the halves of the 
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -287,3 +291,54 @@ def benchmark_of(trainer: L.Trainer) -> ContinualDataModule:
     """The benchmark ``trainer`` runs: Lightning sets ``trainer.datamodule`` when a fit starts, which its type
     hints do not declare."""
     return trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector, not declared
+
+
+#: The loader options of a benchmark held in memory (MNIST, CIFAR, ...), in their signature order; a file-backed
+#: one adds ``FILE_OPTIONS``. Their types and meanings are ``ContinualDataModule.__init__``'s.
+LOADER_OPTIONS = ("batch_size", "scenario", "seed", "train_samples_per_task", "val_fraction", "eval_batch_size")
+FILE_OPTIONS = (*LOADER_OPTIONS, "augment", "num_workers", "pin_memory", "persistent_workers")
+
+
+def loader_options(*names: str, **defaults: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A benchmark's ``__init__`` that passes the options ``names`` of :class:`ContinualDataModule` on through
+    ``**options``, with ``ContinualDataModule.__init__``'s types and defaults (``defaults`` the benchmark's own
+    where they differ), so that each benchmark does not type and forward them again.
+
+    The decorated ``__init__`` gets the signature it would have had with the options written out (its own
+    positional parameters, then the options, then its keyword-only ones): what ``train.py``'s key and type
+    checks, ``--help``, LightningCLI and ``inspect.signature`` read, so a config may say exactly those keys.
+    A call is bound against it (an unknown keyword is a TypeError, as for a written-out signature, and not
+    passed on to the base) and ``options`` holds every option, given or default."""
+    base = inspect.signature(ContinualDataModule.__init__).parameters
+    types = typing.get_type_hints(ContinualDataModule.__init__)
+    unknown = [n for n in (*names, *defaults) if n not in base or n == "num_tasks"]
+    if unknown or not set(defaults) <= set(names):
+        raise TypeError(f"loader_options: {unknown or sorted(set(defaults) - set(names))} not among {names}")
+
+    def decorate(init: Callable[..., None]) -> Callable[..., None]:
+        own = inspect.signature(init).parameters.values()
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        head = [p for p in own if p.kind is kind]
+        tail = [p.replace(kind=kind) for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        options = [inspect.Parameter(n, kind, default=defaults.get(n, base[n].default), annotation=base[n].annotation)
+                   for n in names]
+        signature = inspect.Signature([*head, *options, *tail])
+
+        @functools.wraps(init)
+        def wrapper(self: ContinualDataModule, *args: Any, **kwargs: Any) -> None:
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError as err:
+                raise TypeError(f"{init.__qualname__}() {err}") from None
+            bound.apply_defaults()
+            given = dict(bound.arguments)
+            del given[head[0].name]  # self
+            init(self, **given)
+
+        wrapper.__signature__ = signature  # type: ignore[attr-defined]
+        resolved = {**types, **typing.get_type_hints(init)}  # each name in its own module's namespace
+        wrapper.__annotations__ = {p.name: resolved[p.name] for p in signature.parameters.values()
+                                   if p.annotation is not inspect.Parameter.empty}
+        return wrapper
+
+    return decorate

@@ -13,6 +13,10 @@ the sweep's name. At the end the sweep folder gets ``runs.csv`` (one row per run
 
 Only top-level commas split a value: ``benchmark.class_order=[9,8,7,6,5,4,3,2,1,0]`` is one value,
 ``benchmark.class_order=[0,1],[1,0]`` two; commas inside brackets, braces or quotes never split.
+
+Ours because no library in the dependencies does it: jsonargparse and LightningCLI parse one run's arguments
+and have no multirun (no product of value lists, no process per run, no resumable plan); Hydra's ``-m`` would
+bring another config system beside the one ``config.py`` and LightningCLI share.
 """
 
 from __future__ import annotations

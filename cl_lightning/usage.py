@@ -5,6 +5,12 @@ Everything shown is read from where it is defined, so it cannot drift: the choic
 under ``configs/`` (summary: each file's first comment line), the keys are the constructor signatures of
 the classes a config names (values: the composed config, so overrides and ``experiment=`` show their
 effect), and the docs are the classes' docstrings (``Args:`` sections).
+
+Not jsonargparse's help (a dependency already, behind ``cl-lightning --help``): that one is about ``--key value``
+flags, not ``train.py``'s ``key=value`` words, and knows no config groups: ``python -m cl_lightning --help``
+printed 504 lines, 97 of them ``--trainer.*`` flags, and none of the files under ``configs/`` (the choices of
+``method=``, ``benchmark=``, ``experiment=``); its defaults are the signatures', not the values the chosen files
+and overrides compose to. The docstring parsing is shared (``docstring_parser``, jsonargparse's own).
 """
 
 from __future__ import annotations

@@ -14,12 +14,13 @@ import functools
 import pickle
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from cl_lightning.augment import BatchAugmentation, RandomCropFlip
-from cl_lightning.datamodule import ContinualDataModule, DataError, TaskData
+from cl_lightning.datamodule import LOADER_OPTIONS, ContinualDataModule, DataError, TaskData, loader_options
 from cl_lightning.datamodules.class_split import check_class_order, equal_class_split, split_by_classes
 from cl_lightning.datamodules.mnist import DataNotFoundError, default_data_dir
 from cl_lightning.tasks import Description, Task
@@ -88,16 +89,13 @@ class SplitCIFAR100(ContinualDataModule):
     #: The name runs and reports use (default ``split_<dataset>``); a variant's config file name.
     benchmark_name: str | None = None
 
+    @loader_options(*LOADER_OPTIONS, "augment")
     def __init__(self, num_tasks: int = 20, class_order: list[int] | None = None, shuffle_classes: bool = False,
-                 data_dir: str | None = None, download: bool = True, batch_size: int = 128,
-                 scenario: str = "task", seed: int = 0, train_samples_per_task: int | None = None,
-                 val_fraction: float = 0.0, eval_batch_size: int = 1000, augment: bool = True):
-        super().__init__(num_tasks=num_tasks, batch_size=batch_size, scenario=scenario, seed=seed,
-                         train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
-                         eval_batch_size=eval_batch_size, augment=augment)
+                 data_dir: str | None = None, download: bool = True, **options: Any):
+        super().__init__(num_tasks=num_tasks, **options)
         self.data_dir = data_dir or default_data_dir()
         self.download = download
-        self.class_order = check_class_order(class_order, self.num_classes, seed if shuffle_classes else None)
+        self.class_order = check_class_order(class_order, self.num_classes, self.seed if shuffle_classes else None)
         self.groups = equal_class_split(self.class_order, num_tasks)
         _, _, _, _, mean, std = LAYOUTS[self.dataset]
         self.mean, self.std = mean, std
@@ -136,14 +134,11 @@ class SplitCIFAR10(SplitCIFAR100):
     dataset = "CIFAR10"
     num_classes = 10
 
+    @loader_options(*LOADER_OPTIONS, "augment")
     def __init__(self, num_tasks: int = 5, class_order: list[int] | None = None, shuffle_classes: bool = False,
-                 data_dir: str | None = None, download: bool = True, batch_size: int = 128,
-                 scenario: str = "task", seed: int = 0, train_samples_per_task: int | None = None,
-                 val_fraction: float = 0.0, eval_batch_size: int = 1000, augment: bool = True):
+                 data_dir: str | None = None, download: bool = True, **options: Any):
         super().__init__(num_tasks=num_tasks, class_order=class_order, shuffle_classes=shuffle_classes,
-                         data_dir=data_dir, download=download, batch_size=batch_size, scenario=scenario, seed=seed,
-                         train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
-                         eval_batch_size=eval_batch_size, augment=augment)
+                         data_dir=data_dir, download=download, **options)
 
 
 class SeqCIFAR10(SplitCIFAR10):

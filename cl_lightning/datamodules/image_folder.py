@@ -12,13 +12,14 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from cl_lightning.augment import BatchAugmentation, RandomResizedCropFlip
-from cl_lightning.datamodule import ContinualDataModule, DataNotFoundError, TaskData
+from cl_lightning.datamodule import FILE_OPTIONS, ContinualDataModule, DataNotFoundError, TaskData, loader_options
 from cl_lightning.datamodules.cifar import _Normalize
 from cl_lightning.datamodules.class_split import check_class_order, equal_class_split, split_by_classes
 from cl_lightning.datamodules.mnist import default_data_dir
@@ -58,13 +59,10 @@ class ImageFileBenchmark(ContinualDataModule):
 
     def __init__(self, num_tasks: int, num_classes: int, class_order: list[int] | None, shuffle_classes: bool,
                  image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 data_dir: str | None, batch_size: int, scenario: str, seed: int,
-                 train_samples_per_task: int | None, val_fraction: float, eval_batch_size: int, augment: bool,
-                 num_workers: int, pin_memory: bool, persistent_workers: bool, class_tasks: bool = True):
-        super().__init__(num_tasks=num_tasks, batch_size=batch_size, scenario=scenario, seed=seed,
-                         train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
-                         eval_batch_size=eval_batch_size, augment=augment, num_workers=num_workers,
-                         pin_memory=pin_memory, persistent_workers=persistent_workers)
+                 data_dir: str | None, *, class_tasks: bool = True, **kwargs: Any):
+        """``kwargs``: ``FILE_OPTIONS``, passed on to :class:`ContinualDataModule` (each benchmark's
+        ``@loader_options`` gives them all)."""
+        super().__init__(num_tasks=num_tasks, **kwargs)
         self.data_dir = data_dir or default_data_dir()
         self.num_classes = num_classes
         self.size = parse_image_size(image_size)
@@ -72,7 +70,7 @@ class ImageFileBenchmark(ContinualDataModule):
             raise ValueError(f"mean={list(mean)} and std={list(std)} must have 3 entries each (RGB), std positive")
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.normalize = _Normalize(self.mean, self.std)
-        self.class_order = check_class_order(class_order, num_classes, seed if shuffle_classes else None)
+        self.class_order = check_class_order(class_order, num_classes, self.seed if shuffle_classes else None)
         #: the classes of each task: a cut of the class order, or (``class_tasks=False``: tasks that differ by
         #: their inputs, as CORe50's sessions) all of them
         self.groups = equal_class_split(self.class_order, num_tasks) if class_tasks else \
@@ -128,14 +126,13 @@ class ImageFolder(ImageFileBenchmark):
 
     name = "image_folder"
 
+    @loader_options(*FILE_OPTIONS, batch_size=64, scenario="class", eval_batch_size=256, num_workers=4, pin_memory=True,
+                    persistent_workers=True)
     def __init__(self, root: str | None = None, test_root: str | None = None, test_fraction: float = 0.2,
                  num_classes: int | None = None, num_tasks: int = 5, class_order: list[int] | None = None,
                  shuffle_classes: bool = False, image_size: int | list[int] = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 data_dir: str | None = None, batch_size: int = 64, scenario: str = "class", seed: int = 0,
-                 train_samples_per_task: int | None = None, val_fraction: float = 0.0, eval_batch_size: int = 256,
-                 augment: bool = True, num_workers: int = 4, pin_memory: bool = True,
-                 persistent_workers: bool = True):
+                 data_dir: str | None = None, **options: Any):
         self.root = Path(root) if root else Path(data_dir or default_data_dir()) / "image_folder"
         self.test_root = Path(test_root) if test_root else None
         self.test_fraction = test_fraction
@@ -143,10 +140,7 @@ class ImageFolder(ImageFileBenchmark):
             num_classes = len(self._classes(self.root))
         super().__init__(num_tasks=num_tasks, num_classes=num_classes, class_order=class_order,
                          shuffle_classes=shuffle_classes, image_size=image_size, mean=mean, std=std,
-                         data_dir=data_dir, batch_size=batch_size, scenario=scenario, seed=seed,
-                         train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
-                         eval_batch_size=eval_batch_size, augment=augment, num_workers=num_workers,
-                         pin_memory=pin_memory, persistent_workers=persistent_workers)
+                         data_dir=data_dir, **options)
         if self.test_root is None and not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction={test_fraction} must be in (0, 1) (or give test_root)")
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cl_lightning.augment import BatchAugmentation, RandomResizedCropFlip
-from cl_lightning.datamodule import DataError
+from cl_lightning.datamodule import FILE_OPTIONS, DataError, loader_options
 from cl_lightning.datamodules.image_folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -65,19 +66,15 @@ class ImageNetR(ImageFileBenchmark):
 
     name = "imagenet_r"
 
+    @loader_options(*FILE_OPTIONS, scenario="class", eval_batch_size=256, num_workers=8, pin_memory=True,
+                    persistent_workers=True)
     def __init__(self, num_tasks: int = 10, class_order: list[int] | None = None, shuffle_classes: bool = False,
                  test_fraction: float = 0.2, image_size: int | list[int] = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 data_dir: str | None = None, download: bool = True, batch_size: int = 128, scenario: str = "class",
-                 seed: int = 0, train_samples_per_task: int | None = None, val_fraction: float = 0.0,
-                 eval_batch_size: int = 256, augment: bool = True, num_workers: int = 8, pin_memory: bool = True,
-                 persistent_workers: bool = True):
+                 data_dir: str | None = None, download: bool = True, **options: Any):
         super().__init__(num_tasks=num_tasks, num_classes=NUM_CLASSES, class_order=class_order,
                          shuffle_classes=shuffle_classes, image_size=image_size, mean=mean, std=std,
-                         data_dir=data_dir, batch_size=batch_size, scenario=scenario, seed=seed,
-                         train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
-                         eval_batch_size=eval_batch_size, augment=augment, num_workers=num_workers,
-                         pin_memory=pin_memory, persistent_workers=persistent_workers)
+                         data_dir=data_dir, **options)
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction={test_fraction} must be in (0, 1)")
         self.test_fraction, self.download = test_fraction, download

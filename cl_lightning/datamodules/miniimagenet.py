@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cl_lightning.datamodule import ContinualDataModule, TaskData
+from cl_lightning.datamodule import LOADER_OPTIONS, ContinualDataModule, TaskData, loader_options
 from cl_lightning.datamodules.cifar import _Normalize
 from cl_lightning.datamodules.class_split import check_class_order, equal_class_split, split_by_classes
 from cl_lightning.datamodules.mnist import DataNotFoundError, default_data_dir
@@ -56,14 +57,12 @@ class SplitMiniImageNet(ContinualDataModule):
 
     num_classes = 100
 
+    @loader_options(*LOADER_OPTIONS, eval_batch_size=500)
     def __init__(self, num_tasks: int = 20, class_order: list[int] | None = None, shuffle_classes: bool = True,
-                 data_dir: str | None = None, batch_size: int = 128, scenario: str = "task", seed: int = 0,
-                 train_samples_per_task: int | None = None, val_fraction: float = 0.0, eval_batch_size: int = 500):
-        super().__init__(num_tasks=num_tasks, batch_size=batch_size, scenario=scenario, seed=seed,
-                         train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
-                         eval_batch_size=eval_batch_size)
+                 data_dir: str | None = None, **options: Any):
+        super().__init__(num_tasks=num_tasks, **options)
         self.data_dir = data_dir or default_data_dir()
-        self.class_order = check_class_order(class_order, self.num_classes, seed if shuffle_classes else None)
+        self.class_order = check_class_order(class_order, self.num_classes, self.seed if shuffle_classes else None)
         self.groups = equal_class_split(self.class_order, num_tasks)
         self.normalize = _Normalize(MEAN, STD)
         self._data: dict[str, tuple[Tensor, Tensor]] = {}

@@ -14,7 +14,7 @@ import textwrap
 from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,7 +22,14 @@ import torchvision
 from torch import Tensor
 from torchvision.transforms.functional import InterpolationMode, rotate
 
-from cl_lightning.datamodule import BatchTransform, ContinualDataModule, DataError, TaskData
+from cl_lightning.datamodule import (
+    LOADER_OPTIONS,
+    BatchTransform,
+    ContinualDataModule,
+    DataError,
+    TaskData,
+    loader_options,
+)
 from cl_lightning.datamodule import DataNotFoundError as DataNotFoundError  # its home before datamodule.py
 from cl_lightning.datamodules.class_split import check_class_order, equal_class_split, split_by_classes
 from cl_lightning.tasks import Description, Scenario, Task
@@ -154,15 +161,11 @@ class SplitMNIST(_MNISTFamily):
 
     name = "split_mnist"  # spelled as its config file (benchmark=split_mnist)
 
+    @loader_options(*LOADER_OPTIONS)
     def __init__(self, num_tasks: int = 5, class_order: list[int] | None = None, shuffle_classes: bool = False,
-                 data_dir: str | None = None, download: bool = True, batch_size: int = 128,
-                 scenario: str = "task", seed: int = 0, train_samples_per_task: int | None = None,
-                 val_fraction: float = 0.0, eval_batch_size: int = 1000, pixels: str = "unit"):
-        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, pixels=pixels,
-                         batch_size=batch_size,
-                         scenario=scenario, seed=seed, train_samples_per_task=train_samples_per_task,
-                         val_fraction=val_fraction, eval_batch_size=eval_batch_size)
-        self.class_order = check_class_order(class_order, 10, seed if shuffle_classes else None)
+                 data_dir: str | None = None, download: bool = True, *, pixels: str = "unit", **options: Any):
+        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, pixels=pixels, **options)
+        self.class_order = check_class_order(class_order, 10, self.seed if shuffle_classes else None)
         self.groups = equal_class_split(self.class_order, num_tasks)
 
     def describe(self) -> Description:
@@ -228,16 +231,12 @@ class PermutedMNIST(_TransformedMNIST):
 
     name = "permuted_mnist"
 
+    @loader_options(*LOADER_OPTIONS, scenario="domain")
     def __init__(self, num_tasks: int = 10, first_unpermuted: bool = False, data_dir: str | None = None,
-                 download: bool = True, batch_size: int = 128, scenario: str = "domain", seed: int = 0,
-                 train_samples_per_task: int | None = None, val_fraction: float = 0.0,
-                 eval_batch_size: int = 1000, pixels: str = "unit"):
-        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, pixels=pixels,
-                         batch_size=batch_size,
-                         scenario=scenario, seed=seed, train_samples_per_task=train_samples_per_task,
-                         val_fraction=val_fraction, eval_batch_size=eval_batch_size)
+                 download: bool = True, *, pixels: str = "unit", **options: Any):
+        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, pixels=pixels, **options)
         self.first_unpermuted = first_unpermuted
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(self.seed)
         self.permutations = [torch.randperm(784, generator=g) for _ in range(num_tasks)]
 
     def _transform(self, task_id: int) -> BatchTransform:
@@ -253,21 +252,17 @@ class RotatedMNIST(_TransformedMNIST):
 
     name = "rotated_mnist"
 
+    @loader_options(*LOADER_OPTIONS, scenario="domain")
     def __init__(self, num_tasks: int = 10, angles: Sequence[float] | Literal["random"] | None = None,
-                 max_angle: float = 180.0,
-                 data_dir: str | None = None, download: bool = True, batch_size: int = 128,
-                 scenario: str = "domain", seed: int = 0, train_samples_per_task: int | None = None,
-                 val_fraction: float = 0.0, eval_batch_size: int = 1000, pixels: str = "unit"):
-        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, pixels=pixels,
-                         batch_size=batch_size,
-                         scenario=scenario, seed=seed, train_samples_per_task=train_samples_per_task,
-                         val_fraction=val_fraction, eval_batch_size=eval_batch_size)
+                 max_angle: float = 180.0, data_dir: str | None = None, download: bool = True, *,
+                 pixels: str = "unit", **options: Any):
+        super().__init__(num_tasks=num_tasks, data_dir=data_dir, download=download, pixels=pixels, **options)
         if angles is None:
             angles = [max_angle * i / num_tasks for i in range(num_tasks)]
         elif isinstance(angles, str):
             if angles != "random":
                 raise ValueError(f"angles={angles!r} must be a list of degrees, null or 'random'")
-            angles = np.random.default_rng(seed).uniform(0.0, max_angle, num_tasks).tolist()
+            angles = np.random.default_rng(self.seed).uniform(0.0, max_angle, num_tasks).tolist()
         if len(angles) != num_tasks:
             raise ValueError(f"angles={list(angles)} must have num_tasks={num_tasks} entries")
         self.angles = [float(a) for a in angles]

@@ -7,9 +7,11 @@ Three tasks, each a polynomial observed with Gaussian noise on its own, disjoint
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from cl_lightning.datamodule import ContinualDataModule, TaskData
+from cl_lightning.datamodule import LOADER_OPTIONS, ContinualDataModule, TaskData, loader_options
 from cl_lightning.tasks import Description, Task
 
 FUNCTIONS = (
@@ -22,19 +24,16 @@ FUNCTIONS = (
 class PolynomialRegression(ContinualDataModule):
     """Noisy training samples drawn uniformly in each task's interval; noise-free, evenly spaced test points."""
 
+    @loader_options(*LOADER_OPTIONS, batch_size=32)
     def __init__(self, num_tasks: int = 3, train_samples: int = 20, test_samples: int = 100,
-                 noise_std: float = 0.05, batch_size: int = 32, scenario: str = "task", seed: int = 0,
-                 train_samples_per_task: int | None = None, val_fraction: float = 0.0,
-                 eval_batch_size: int = 1000):
+                 noise_std: float = 0.05, **options: Any):
         if not 1 <= num_tasks <= len(FUNCTIONS):
             raise ValueError(f"num_tasks={num_tasks} must be between 1 and {len(FUNCTIONS)}")
-        if scenario == "class":
+        if options["scenario"] == "class":
             raise ValueError("scenario='class' has no meaning for regression; use 'task' or 'domain'")
         if noise_std < 0:
             raise ValueError(f"noise_std={noise_std} must not be negative")
-        super().__init__(num_tasks=num_tasks, batch_size=batch_size, scenario=scenario, seed=seed,
-                         train_samples_per_task=train_samples_per_task, val_fraction=val_fraction,
-                         eval_batch_size=eval_batch_size)
+        super().__init__(num_tasks=num_tasks, **options)
         self.train_samples, self.test_samples, self.noise_std = train_samples, test_samples, noise_std
 
     def describe(self) -> Description:
