@@ -146,8 +146,10 @@ def train_py_overrides(tasks: int, data_dir: str, seed: int, run_dir: str) -> li
 def phases(tasks: int, data_dir: str, seed: int) -> dict:
     """One ``train.py`` run inside this process, as ``train.py`` makes it, with the seconds of each phase (the
     calls of the function that does it, wrapped in a timer)."""
-    from cl_lightning import usage  # noqa: F401  # what train.py imports first (--help)
-    from cl_lightning import experiment
+    from cl_lightning import (
+        experiment,
+        usage,  # noqa: F401  # what train.py imports first (--help)
+    )
     # from the parent's launch of this process: interpreter start-up, this script's torch and numpy, then ours
     seconds = {"start-up + imports": time.time() - float(os.environ["SPEED_LAUNCHED_AT"])}
 
