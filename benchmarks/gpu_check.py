@@ -1,17 +1,23 @@
-"""GPU check: every method family a few steps on CUDA under bf16 (and compile), then Permuted-MNIST speed.
+"""GPU check: every method family a few steps on CUDA under bf16 (and compile), then the speed workloads.
 
-Prints one table headed with the GPU's name (prints, never asserts):
+Prints its tables under one heading with the GPU's name (prints, never asserts):
 1. each method family (its shipped config, Split-MNIST 2 tasks) for ``--steps`` optimizer steps per task under
    ``trainer.precision=bf16-mixed`` (and ``16-mixed`` with ``--fp16``), and with ``method.compile=true`` where
    the method config has a ``compile`` key (skipped, and said so, where it has none);
-2. the Permuted-MNIST workload of ``benchmarks/speed_permuted_mnist.py`` (MLP 784-100-100-10, batch 128,
-   Adam 1e-3, one epoch per task) through the task loop on the GPU against a bare GPU loop with the data resident
-   on the device.
+2. the speed workloads, each through the task loop on the GPU against a bare GPU loop with the data resident on
+   the device, in fp32 and bf16-mixed:
+   - Permuted-MNIST (``benchmarks/speed_permuted_mnist.py``'s: MLP 784-100-100-10, batch 128, Adam 1e-3, one
+     epoch per task, ``--speed-tasks`` tasks): the whole loop's seconds, evaluation of every task included;
+   - Seq-CIFAR-10 (``benchmarks/speed_images.py``'s: the full ResNet-18, batch 32, SGD 0.03, 5 class-IL tasks
+     of ``--cifar-steps`` steps, random crop (padding 4) and flip on the batch's device): training images per
+     second, on generated CIFAR-10 files (``--cifar-dir``: a real ``cifar-10-batches-py`` root instead).
+   Clocks start and stop with CUDA synchronized.
 
-Without CUDA it says so and exits 0. ``--cpu-smoke`` runs the family loop on CPU for a few steps (no speed
-part), so CI keeps the script from rotting.
+Without CUDA it says so and exits 0. ``--cpu-smoke`` runs the same code on CPU for a few steps (every part; the
+speed workloads in fp32 for ``--speed-steps`` steps per task, default 1, Seq-CIFAR-10 with 2 test images per
+class), so CI keeps the script from rotting; its figures say nothing about a GPU.
 
-    python benchmarks/gpu_check.py [--steps 5] [--fp16] [--speed-tasks 10] [--cpu-smoke]
+    python benchmarks/gpu_check.py [--steps 5] [--fp16] [--speed-tasks 10] [--cifar-steps 30] [--cpu-smoke]
 """
 
 from __future__ import annotations
@@ -33,7 +39,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from speed_images import (  # noqa: E402
+    bare_cifar_loop,
+    bare_network,
+    cifar_train_per_class,
+    load_cifar_train,
+    write_cifar10,
+)
+from speed_images import ours as ours_images  # noqa: E402
 from speed_permuted_mnist import permutations, read_idx  # noqa: E402
+
+#: The precisions of the speed workloads on a GPU. The CPU smoke run takes fp32 only: ResNet-18's bf16 convolutions
+#: on a CPU without bf16 instructions took 20x fp32's time per step here (80 s against 4 s, batch 32, 1 thread).
+SPEED_PRECISIONS = ("32-true", "bf16-mixed")
 
 #: (family, method config, extra overrides): one config per family of issue 32.
 FAMILIES: list[tuple[str, str, list[str]]] = [
@@ -102,8 +120,19 @@ def family_run(method: str, extra: list[str], accelerator: str, precision: str, 
             time.perf_counter() - began
 
 
-def bare_gpu_loop(tasks: int, root: str, device: str, precision: str) -> dict:
-    """The bare loop of speed_permuted_mnist.py (fine-tuning) with the whole data resident on ``device``."""
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a Lightning precision flag (``None``: full precision, no autocast)."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_gpu_loop(tasks: int, root: str, device: str, precision: str, steps: int | None = None) -> dict:
+    """The bare loop of speed_permuted_mnist.py (fine-tuning) with the whole data resident on ``device``; ``steps``:
+    batches per task (``None``: one epoch)."""
     torch.manual_seed(0)
     raw = Path(root) / "MNIST" / "raw"
     x_train = read_idx(raw / "train-images-idx3-ubyte").to(device).flatten(1).float().div(255.0)
@@ -113,31 +142,32 @@ def bare_gpu_loop(tasks: int, root: str, device: str, precision: str) -> dict:
     perms = [p.to(device) for p in permutations(tasks)]
     model = nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
     model = model.to(device)
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-    amp = precision != "32-true"
+    dtype = autocast_dtype(precision) or torch.bfloat16
+    amp = autocast_dtype(precision) is not None
 
     def evaluate() -> list[float]:
         with torch.no_grad(), torch.autocast(device_type=device, dtype=dtype, enabled=amp):
             return [float((model(x_test[:, perms[j]]).argmax(1) == y_test).float().mean()) for j in range(tasks)]
 
+    synchronize(device)
     began = time.perf_counter()
     accs = evaluate()
     for t in range(tasks):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         order = torch.randperm(len(y_train), device=device)
-        for idx in order.split(128):
+        for idx in order.split(128)[:steps]:
             with torch.autocast(device_type=device, dtype=dtype, enabled=amp):
                 loss = F.cross_entropy(model(x_train[idx][:, perms[t]]), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
         accs = evaluate()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return {"acc": sum(accs) / len(accs), "wall": time.perf_counter() - began}
 
 
-def ours_gpu(tasks: int, root: str, precision: str) -> dict:
+def ours_gpu(tasks: int, root: str, precision: str, accelerator: str = "gpu", steps: int | None = None) -> dict:
+    """Permuted-MNIST fine-tuning through the task loop: the wall of ``ContinualRunner.run`` (CUDA synchronized)."""
     import lightning as L
 
     from cl_lightning.datamodules import PermutedMNIST
@@ -148,20 +178,91 @@ def ours_gpu(tasks: int, root: str, precision: str) -> dict:
     L.seed_everything(0, verbose=False)
     model = ContinualModule(MLP(hidden_sizes=[100, 100]), lr=1e-3)
     dm = PermutedMNIST(num_tasks=tasks, data_dir=root, batch_size=128)
-    began = time.perf_counter()
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    kwargs = {"accelerator": accelerator, "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
+              "precision": precision, **({"max_steps": steps} if steps else {})}
     with tempfile.TemporaryDirectory() as run_dir:
-        kwargs = {"accelerator": "gpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
-                  "precision": precision}
+        synchronize(device)
+        began = time.perf_counter()
         metrics = ContinualRunner(model, dm, run_dir, seed=0, trainer_kwargs=kwargs).run()
-    return {"acc": metrics["ACC"], "wall": time.perf_counter() - began}
+        synchronize(device)
+        wall = time.perf_counter() - began
+    return {"acc": metrics["ACC"], "wall": wall}
+
+
+def cifar_speed(accelerator: str, precision: str, steps: int, cifar_dir: Path | None,
+                test_per_class: int = 20) -> tuple[dict, dict]:
+    """Seq-CIFAR-10 training images/s, ours (``SeqCIFAR10`` + ResNet-18 through the task loop, augmentation on the
+    batch's device) and the bare loop of speed_images.py on the same files with the data resident on the device."""
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = cifar_dir or write_cifar10(Path(tmp) / "cifar", cifar_train_per_class(steps), test_per_class)
+        mine = ours_images("cifar", root, steps, seed=0, workers=0,
+                           trainer_kwargs={"accelerator": accelerator, "precision": precision})
+        torch.manual_seed(0)
+        x, y, fill = load_cifar_train(root, device)
+        bare = bare_cifar_loop(x, y, fill, steps, autocast_dtype(precision))
+    return mine, bare
+
+
+def warm_up(device: str) -> None:
+    """CUDA's context, the cuBLAS and cuDNN handles and the lazily loaded kernels of both networks, in every speed
+    precision, before any clock starts: otherwise the side timed first pays them."""
+    if device != "cuda":
+        return
+    mlp = nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 10)).to(device)
+    for net, x in ((bare_network().to(device), torch.randn(32, 3, 32, 32, device=device)),
+                   (mlp, torch.randn(128, 784, device=device))):
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        for precision in SPEED_PRECISIONS:
+            with torch.autocast(device_type=device, dtype=autocast_dtype(precision) or torch.bfloat16,
+                                enabled=autocast_dtype(precision) is not None):
+                loss = F.cross_entropy(net(x), torch.zeros(len(x), dtype=torch.long, device=device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    synchronize(device)
+
+
+def speed_rows(args: argparse.Namespace, accelerator: str) -> list[str]:
+    """The speed table's rows: each workload and precision, ours against the bare loop on the same device."""
+    smoke = accelerator == "cpu"
+    warm_up("cpu" if smoke else "cuda")
+    steps = args.speed_steps or (1 if smoke else None)
+    precisions = SPEED_PRECISIONS[:1] if smoke else SPEED_PRECISIONS
+    rows = []
+    if args.speed_tasks > 0:
+        root = data_dir()
+        for precision in precisions:
+            mine = ours_gpu(args.speed_tasks, root, precision, accelerator, steps)
+            bare = bare_gpu_loop(args.speed_tasks, root, "cuda" if accelerator == "gpu" else "cpu", precision, steps)
+            rows.append(f"| Permuted-MNIST-{args.speed_tasks} fine-tuning | {precision} | s, whole loop | "
+                        f"{mine['wall']:.1f} | {bare['wall']:.1f} | {mine['wall'] / bare['wall']:.2f} | "
+                        f"{mine['acc']:.3f} | {bare['acc']:.3f} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    cifar_steps = steps or args.cifar_steps
+    for precision in precisions:
+        mine, bare = cifar_speed(accelerator, precision, cifar_steps, args.cifar_dir, 2 if smoke else 20)
+        rate_ours, rate_bare = mine["images"] / mine["train"], bare["images"] / bare["train"]
+        rows.append(f"| Seq-CIFAR-10 ResNet-18, crop + flip, {cifar_steps} steps/task | {precision} | "
+                    f"train img/s | {rate_ours:.1f} | {rate_bare:.1f} | {rate_bare / rate_ours:.2f} | | |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per task for each family")
     parser.add_argument("--fp16", action="store_true", help="also run every family under 16-mixed")
-    parser.add_argument("--speed-tasks", type=int, default=10, help="Permuted-MNIST tasks (0: no speed part)")
-    parser.add_argument("--cpu-smoke", action="store_true", help="the family loop on CPU (bf16), no speed part")
+    parser.add_argument("--speed-tasks", type=int, default=10, help="Permuted-MNIST tasks (0: no Permuted-MNIST)")
+    parser.add_argument("--cifar-steps", type=int, default=30, help="Seq-CIFAR-10 training steps per task")
+    parser.add_argument("--cifar-dir", type=Path, default=None, help="a data root holding real cifar-10-batches-py")
+    parser.add_argument("--speed-steps", type=int, default=None,
+                        help="steps per task of both speed workloads (default: Permuted-MNIST one epoch, "
+                             "Seq-CIFAR-10 --cifar-steps; --cpu-smoke: 1)")
+    parser.add_argument("--no-speed", action="store_true", help="the family loop only")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="everything on CPU for a few steps (bf16), so that the script keeps working")
     parser.add_argument("--only", nargs="*", help="method configs to run (default: every family)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -187,23 +288,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"{'' if acc is None else f'{acc:.3f}'} | {secs:.1f} |")
         else:
             rows.append(f"| {family} | bf16-mixed | compile | skipped: no method.compile key | | |")
-    speed: list[str] = []
-    if accelerator == "gpu" and args.speed_tasks > 0:
-        root = data_dir()
-        for precision in ("32-true", "bf16-mixed"):
-            mine, bare = ours_gpu(args.speed_tasks, root, precision), bare_gpu_loop(args.speed_tasks, root, "cuda",
-                                                                                    precision)
-            speed.append(f"| Permuted-MNIST-{args.speed_tasks} fine-tuning | {precision} | {mine['wall']:.1f} | "
-                         f"{bare['wall']:.1f} | {mine['wall'] / bare['wall']:.2f} | {mine['acc']:.3f} | "
-                         f"{bare['acc']:.3f} |")
+    speed = [] if args.no_speed else speed_rows(args, accelerator)
     print(f"\ngpu_check on {device_name} · torch {torch.__version__} · {args.steps} steps per task, "
           "Split-MNIST 2 tasks\n")
     print("| family | precision | mode | status | ACC | s |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
     if speed:
-        print("\n| workload | precision | ours (s) | bare GPU loop (s) | ratio | ACC ours | ACC bare |")
-        print("|---|---|---|---|---|---|---|")
+        where = "bare GPU loop" if accelerator == "gpu" else "bare loop (CPU)"
+        print(f"\nSpeed on {device_name}: ours against a {where} with the data resident on the device\n")
+        print(f"| workload | precision | measure | ours | {where} | ours / bare time | ACC ours | ACC bare |")
+        print("|---|---|---|---|---|---|---|---|")
         print("\n".join(speed))
     failed = sum("FAILED" in r for r in rows)
     print(f"\n{len(rows) - failed} of {len(rows)} family runs ok")

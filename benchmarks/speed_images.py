@@ -42,6 +42,12 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 # ------------------------------------------------------------------------------------------ generated data
+def cifar_train_per_class(steps: int) -> int:
+    """Generated training images per class such that every task holds at least ``steps`` batches (both sides
+    then train the same number of images), a multiple of CIFAR's 5 training batches."""
+    return 5 * -(-max(500, steps * BATCH // 2 + 1) // 5)
+
+
 def write_cifar10(root: Path, train_per_class: int, test_per_class: int) -> Path:
     """CIFAR-10's python batches (5 training batches and a test batch) of random images."""
     folder = root / "cifar-10-batches-py"
@@ -78,21 +84,24 @@ def bare_network() -> nn.Module:
 
 
 def crop_flip(x: torch.Tensor, fill: torch.Tensor, padding: int = 4) -> torch.Tensor:
-    """RandomCrop(32, padding) + RandomHorizontalFlip on a batch, with plain torch indexing."""
+    """RandomCrop(32, padding) + RandomHorizontalFlip on a batch, with plain torch indexing on the batch's device."""
     n, c, h, w = x.shape
+    dev = x.device
     padded = fill.view(1, c, 1, 1).expand(n, c, h + 2 * padding, w + 2 * padding).clone()
     padded[:, :, padding:padding + h, padding:padding + w] = x
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, n))
-    rows = (dy[:, None] + torch.arange(h)).view(n, 1, h, 1)
-    cols = (dx[:, None] + torch.arange(w)).view(n, 1, 1, w)
-    out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
-    flip = torch.rand(n) < 0.5
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, n), device=dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev)).view(n, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=dev)).view(n, 1, 1, w)
+    out = padded[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1), rows, cols]
+    flip = torch.rand(n, device=dev) < 0.5
     out[flip] = out[flip].flip(-1)
     return out
 
 
-def bare_cifar(data_root: Path, steps: int, seed: int) -> dict:
-    torch.manual_seed(seed)
+def load_cifar_train(data_root: Path, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """CIFAR-10's training images normalised, their labels and the padding's fill (a black pixel, normalised), read
+    from the python batches by hand and put on ``device`` whole (the bare loops' data)."""
     folder = data_root / "cifar-10-batches-py"
     xs, ys = [], []
     for i in range(1, 6):
@@ -103,22 +112,42 @@ def bare_cifar(data_root: Path, steps: int, seed: int) -> dict:
     mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     x = (torch.from_numpy(np.concatenate(xs)).view(-1, 3, 32, 32).float().div(255) - mean) / std
     y = torch.from_numpy(np.concatenate(ys)).long()
-    fill = (-mean / std).view(3)
-    model = bare_network()
+    return x.to(device), y.to(device), (-mean / std).view(3).to(device)
+
+
+def bare_cifar_loop(x: torch.Tensor, y: torch.Tensor, fill: torch.Tensor, steps: int,
+                    autocast_dtype: torch.dtype | None = None) -> dict:
+    """The bare Seq-CIFAR-10 loop on the device ``x`` lies on (5 class-IL tasks, ``steps`` batches each, crop and
+    flip per batch); under ``torch.autocast`` when ``autocast_dtype`` is given. Seconds of training only, CUDA
+    synchronized before the clock starts and before it stops."""
+    dev = x.device
+    model = bare_network().to(dev)
     model.train()
     seen = 0
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     began = time.perf_counter()
     for t in range(TASKS):
         idx_t = torch.nonzero((y == 2 * t) | (y == 2 * t + 1)).squeeze(1)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
-        order = idx_t[torch.randperm(len(idx_t))]
+        order = idx_t[torch.randperm(len(idx_t), device=dev)]
         for idx in order.split(BATCH)[:steps]:
-            loss = F.cross_entropy(model(crop_flip(x[idx], fill)), y[idx])
+            with torch.autocast(device_type=dev.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                loss = F.cross_entropy(model(crop_flip(x[idx], fill)), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             seen += len(idx)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     return {"images": seen, "train": time.perf_counter() - began}
+
+
+def bare_cifar(data_root: Path, steps: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    x, y, fill = load_cifar_train(data_root)
+    return bare_cifar_loop(x, y, fill, steps)
 
 
 def bare_folder(folder: Path, steps: int, seed: int, workers: int) -> dict:
@@ -150,7 +179,10 @@ def bare_folder(folder: Path, steps: int, seed: int, workers: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ ours
-def ours(workload: str, data_root: Path, steps: int, seed: int, workers: int) -> dict:
+def ours(workload: str, data_root: Path, steps: int, seed: int, workers: int,
+         trainer_kwargs: dict | None = None) -> dict:
+    """Our side through the task loop; ``trainer_kwargs`` replace the CPU Trainer's (``accelerator="gpu"``,
+    ``precision``). ``train`` is the runner's training seconds (CUDA synchronized)."""
     from cl_lightning.methods import ContinualModule
     from cl_lightning.nets import ResNet18
     from cl_lightning.runner import ContinualRunner
@@ -167,9 +199,9 @@ def ours(workload: str, data_root: Path, steps: int, seed: int, workers: int) ->
     model = ContinualModule(ResNet18(), lr=LR, optimizer="sgd")
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = {"accelerator": "cpu", "devices": 1, "max_steps": steps, "enable_progress_bar": False,
-                   "limit_val_batches": 0}
+                   "limit_val_batches": 0, **(trainer_kwargs or {})}
         metrics = ContinualRunner(model, dm, run_dir, seed=seed, trainer_kwargs=trainer).run()
-    return {"images": metrics["optimizer_steps"] * BATCH, "train": metrics["train_seconds"]}
+    return {"images": metrics["optimizer_steps"] * BATCH, "train": metrics["train_seconds"], "acc": metrics["ACC"]}
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -214,7 +246,7 @@ def main() -> None:
         for workload in args.workloads:
             if workload == "cifar":
                 # every task holds at least --steps batches: both sides train the same number of images
-                per_class = 5 * -(-max(500, args.steps * BATCH // 2 + 1) // 5)
+                per_class = cifar_train_per_class(args.steps)
                 root = args.cifar_dir or write_cifar10(Path(tmp) / "cifar", per_class, test_per_class=20)
             else:  # 1 in 5 images held out for testing
                 root = write_image_folder(Path(tmp) / "folder", classes=10, per_class=args.steps * BATCH * 5 // 8 + 10)

@@ -10,7 +10,14 @@ of R after every task: 11 rows for 10 tasks) and the process wall (start of the 
 reading MNIST, training, evaluation, the run folder's files). The bare loop's process imports torch only and
 reads the IDX files itself.
 
+The fine-tuning rows end with the fixed cost of a whole run as a user starts one (issue 32): the ``python train.py``
+process (``method=finetune``, MLP 100-100, one epoch per task, ``logger=none``, no progress bar) against the bare
+loop's process, and the same run again in one process with each phase timed apart (imports, composing the config,
+building the benchmark and method, Trainer construction, training, evaluation, boundary checkpoints, the run
+folder's files at the end); whatever the phases leave of the process wall is interpreter start-up and exit.
+
     python benchmarks/speed_permuted_mnist.py [--tasks 10] [--threads 2] [--ewc-strength 1000]
+    python benchmarks/speed_permuted_mnist.py --ewc-strength 0 --train-py-only   # the fixed-cost rows alone
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,17 +136,95 @@ def ours(tasks: int, data_dir: str, ewc_strength: float | None, fisher_samples: 
     return {"acc": metrics["ACC"], "train": metrics["train_seconds"], "eval": metrics["eval_seconds"]}
 
 
+def train_py_overrides(tasks: int, data_dir: str, seed: int, run_dir: str) -> list[str]:
+    """``python train.py`` words for the fixed-cost rows: the same work as the bare fine-tuning loop."""
+    return ["method=finetune", "benchmark=permuted_mnist", "method.backbone.init_args.hidden_sizes=[100,100]",
+            "trainer.max_epochs=1", "logger=none", "trainer.enable_progress_bar=false",
+            f"benchmark.num_tasks={tasks}", f"seed={seed}", f"data_dir={data_dir}", f"output_dir={run_dir}"]
+
+
+def phases(tasks: int, data_dir: str, seed: int) -> dict:
+    """One ``train.py`` run inside this process, as ``train.py`` makes it, with the seconds of each phase (the
+    calls of the function that does it, wrapped in a timer)."""
+    from cl_lightning import (
+        experiment,
+        usage,  # noqa: F401  # what train.py imports first (--help)
+    )
+    # from the parent's launch of this process: interpreter start-up, this script's torch and numpy, then ours
+    seconds = {"start-up + imports": time.time() - float(os.environ["SPEED_LAUNCHED_AT"])}
+
+    import lightning as L
+
+    from cl_lightning import runner
+    from cl_lightning.datamodules.mnist import PermutedMNIST
+
+    def timed(label: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    for label, owner, name in (
+            ("config composition", experiment, "resolve_config"),
+            ("benchmark + method built", experiment, "build"),
+            ("data files checked (prepare_data)", PermutedMNIST, "prepare_data"),
+            ("run folder opened", experiment, "open_run_dir"),
+            ("Trainer construction", runner.ContinualRunner, "make_trainer"),
+            ("training (Trainer.fit)", L.Trainer, "fit"),
+            ("evaluation (Trainer.test)", runner.ContinualRunner, "evaluate"),
+            ("boundary checkpoints", runner.ContinualRunner, "save_boundary"),
+            ("run files (metrics, CSV, heatmap)", runner, "write_run_files")):
+        setattr(owner, name, timed(label, getattr(owner, name)))
+    with tempfile.TemporaryDirectory() as tmp:
+        code = experiment.main(train_py_overrides(tasks, data_dir, seed, str(Path(tmp) / "run")))
+    if code:
+        raise SystemExit(f"train.py exited with {code}")
+    return {"phases": seconds}
+
+
 def side(args: argparse.Namespace, label: str, strength: float | None) -> dict:
     """Runs one side in a fresh process; its figures plus the process's whole wall time."""
     cmd = [sys.executable, __file__, "--side", label, "--tasks", str(args.tasks), "--threads", str(args.threads),
            "--fisher-samples", str(args.fisher_samples), "--data-dir", args.data_dir, "--seed", str(args.seed)]
     if strength is not None:
         cmd += ["--ewc-strength", str(strength)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "SPEED_LAUNCHED_AT": repr(time.time())}
     began = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     wall = time.perf_counter() - began
     return {**json.loads(out.strip().splitlines()[-1]), "wall": wall}
+
+
+def train_py(args: argparse.Namespace) -> float:
+    """Wall seconds of a whole ``python train.py`` process doing the bare fine-tuning loop's work."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(REPO / "train.py"),
+               *train_py_overrides(args.tasks, args.data_dir, args.seed, str(Path(tmp) / "run"))]
+        began = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=tmp)
+        return time.perf_counter() - began
+
+
+def fixed_cost(args: argparse.Namespace, plain: dict) -> None:
+    """The fixed-cost rows: ``python train.py`` against the bare loop's process, then the phases of one run."""
+    wall = train_py(args)
+    print(f"| finetune | train.py process wall | {wall:.1f} | {plain['wall']:.1f} | {wall / plain['wall']:.2f} | "
+          f"{'met' if wall / plain['wall'] <= 1.2 else 'missed'} (1.2x) |", flush=True)
+    began = time.perf_counter()
+    timing = side(args, "phases", None)
+    total = time.perf_counter() - began
+    print(f"\nPhases of one train.py run in one process ({total:.1f} s wall):\n")
+    print("| phase | seconds |")
+    print("|---|---|")
+    for label, value in timing["phases"].items():
+        print(f"| {label} | {value:.2f} |")
+    print(f"| the rest (between phases, exit) | {total - sum(timing['phases'].values()):.2f} |", flush=True)
 
 
 def main() -> None:
@@ -149,11 +235,16 @@ def main() -> None:
     parser.add_argument("--fisher-samples", type=int, default=2000)
     parser.add_argument("--data-dir", default=os.environ.get("CL_DATA_DIR", str(REPO / "data")))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--side", choices=["plain", "ours"], help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--train-py-only", action="store_true",
+                        help="only the fixed-cost rows: the bare loop's process, train.py's, and its phases")
+    parser.add_argument("--side", choices=["plain", "ours", "phases"], help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.side:  # one side, in its own process: print its figures as the last line
         torch.set_num_threads(args.threads)
         strength = args.ewc_strength if args.ewc_strength else None
+        if args.side == "phases":
+            print(json.dumps(phases(args.tasks, args.data_dir, args.seed)))
+            return
         fn = plain_loop if args.side == "plain" else ours
         print(json.dumps(fn(args.tasks, args.data_dir, strength, args.fisher_samples, args.seed)))
         return
@@ -163,14 +254,21 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     targets = {"training": 1.25, "evaluation": 1.5, "process wall": 1.3}
     methods = [("finetune", None)] + ([("ewc", args.ewc_strength)] if args.ewc_strength else [])
+    if args.train_py_only:
+        methods = methods[:1]
     for name, strength in methods:
         plain = side(args, "plain", strength)
+        if name == "finetune" and args.train_py_only:
+            fixed_cost(args, plain)
+            return
         mine = side(args, "ours", strength)
         for part, key in (("training", "train"), ("evaluation", "eval"), ("process wall", "wall")):
             ratio = mine[key] / plain[key]
             print(f"| {name} | {part} | {mine[key]:.1f} | {plain[key]:.1f} | {ratio:.2f} | "
                   f"{'met' if ratio <= targets[part] else 'missed'} ({targets[part]}x) |", flush=True)
         print(f"| {name} | ACC | {mine['acc']:.3f} | {plain['acc']:.3f} | | |", flush=True)
+        if name == "finetune":
+            fixed_cost(args, plain)
 
 
 if __name__ == "__main__":

@@ -233,7 +233,9 @@ class ContinualDataModule(L.LightningDataModule, ABC):
                 if self.train_samples_per_task is not None:
                     train_idx = train_idx[: self.train_samples_per_task]
                 for name, idx in (("train", train_idx.sort().values), ("val", val_idx.sort().values)):
-                    self._splits[(task_id, name)] = full.subset(idx)
+                    # all samples in their order (no val split, no subsampling): the task's data as it is, instead
+                    # of a copy of every tensor per task (Permuted-MNIST: 47 MB and about 0.1 s a task)
+                    self._splits[(task_id, name)] = full if len(idx) == len(full) else full.subset(idx)
         return self._splits[key]
 
     def _rank_and_world(self) -> tuple[int, int]:

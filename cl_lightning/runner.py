@@ -57,6 +57,14 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def synchronized_clock() -> float:
+    """``time.perf_counter()`` once the GPU has finished the work queued so far (CUDA runs asynchronously: without
+    this, a timed fit or test would stop its clock while kernels still run)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class RunRecord(L.Callback):
     """The runner's own state (rows of R, the untrained baseline, steps so far), kept in checkpoints so
     that the checkpoint written at a task boundary is the single point a resume starts from.
@@ -240,9 +248,9 @@ class ContinualRunner:
 
     def evaluate(self, trainer: L.Trainer) -> list[float]:
         """One row of R: the score on every task (past and future), synced across ranks."""
-        began = time.perf_counter()
+        began = synchronized_clock()
         trainer.test(self.model, datamodule=self.dm, verbose=False)
-        self.record.eval_seconds += time.perf_counter() - began
+        self.record.eval_seconds += synchronized_clock() - began
         assert self.model.last_eval is not None
         return [float(v) for v in self.model.last_eval]
 
@@ -325,9 +333,9 @@ class ContinualRunner:
             self.model.steps_before_task = self.record.steps
             trainer = self.make_trainer(t)
             mid_task = self.mid_task_checkpoint(t) if resume else None
-            began = time.perf_counter()
+            began = synchronized_clock()
             trainer.fit(self.model, datamodule=self.dm, ckpt_path=mid_task, weights_only=True)
-            self.record.train_seconds += time.perf_counter() - began
+            self.record.train_seconds += synchronized_clock() - began
             self.record.steps += trainer.global_step
             ari = self.record.finish_task(trainer)
             row = self.evaluate(trainer)

@@ -98,9 +98,19 @@ def test_16_mixed_plugins_see_unscaled_gradients():
 
 
 def test_gpu_check_cpu_smoke_prints_the_table(mnist_root):
+    """The CPU path of every part: two families, then both speed workloads (Permuted-MNIST, Seq-CIFAR-10 with
+    ResNet-18 and crop + flip) for one step per task against their bare loops."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--steps", "2",
-                           "--only", "ewc", "gem"], capture_output=True, text=True, cwd=REPO,
-                          env={**__import__("os").environ, "CL_DATA_DIR": str(mnist_root)}, timeout=300)
+                           "--only", "ewc", "gem", "--speed-tasks", "2"], capture_output=True, text=True, cwd=REPO,
+                          env={**__import__("os").environ, "CL_DATA_DIR": str(mnist_root)}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| family | precision | mode | status | ACC | s |" in proc.stdout
     assert "| EWC | bf16-mixed | eager | ok |" in proc.stdout and "| GEM | bf16-mixed | eager | ok |" in proc.stdout
+    assert "| workload | precision | measure | ours | bare loop (CPU) | ours / bare time | ACC ours | ACC bare |" \
+        in proc.stdout
+    speed = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in proc.stdout.splitlines()
+             if line.startswith(("| Permuted-MNIST-2 ", "| Seq-CIFAR-10 "))}
+    assert set(speed) == {"Permuted-MNIST-2 fine-tuning", "Seq-CIFAR-10 ResNet-18, crop + flip, 1 steps/task"}, \
+        proc.stdout[-2000:]
+    for cells in speed.values():  # ours, bare and their ratio are positive figures
+        assert cells[1] == "32-true" and all(float(c) > 0 for c in cells[3:6]), cells

@@ -139,12 +139,15 @@ class _MNISTFamily(ContinualDataModule):
         self._test: tuple[Tensor, Tensor] | None = None
 
     def prepare_data(self) -> None:
-        for train in (True, False):
-            load_torchvision_split(self.dataset, self.data_dir, train, self.download)
+        """Downloads and checks the files; what it reads is kept, so that every later call (Lightning makes one
+        per fit and per test) and :meth:`_load` read nothing again."""
+        self._load()
 
     def _load(self) -> None:
-        self._train = load_torchvision_split(self.dataset, self.data_dir, True, self.download)
-        self._test = load_torchvision_split(self.dataset, self.data_dir, False, self.download)
+        if self._train is None:
+            self._train = load_torchvision_split(self.dataset, self.data_dir, True, self.download)
+        if self._test is None:
+            self._test = load_torchvision_split(self.dataset, self.data_dir, False, self.download)
 
     def _raw(self, split: str) -> tuple[Tensor, Tensor]:
         data = self._train if split == "train" else self._test
