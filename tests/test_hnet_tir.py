@@ -190,7 +190,7 @@ def test_table_1_experiment_configs_hold_the_paper_settings(cl, scenario):
     assert rm.head.out_features == 5 and rm.decoder_target.num_params == rm.hypernetwork.num_target_weights
     assert rm.hypernetwork.init == "xavier" and rm.hypernetwork.chunk_size == 50000
     betas = {type(p).__name__: p.beta for p in model.plugins if isinstance(p, OutputRegularizer)}
-    assert betas == {"OutputRegularizer": 0.01, "ReplayModelRegularizer": 0.05}
+    assert betas == {"OutputRegularizer": 0.01, "ReplayModelRegularizer": 0.01}
     assert next(p for p in model.plugins if isinstance(p, TaskInferenceReplay)).batch_size == 128
 
 
