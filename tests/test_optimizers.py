@@ -35,3 +35,19 @@ def test_parameters_without_a_fused_kernel_get_the_plain_optimizer():
     assert not opt.param_groups[0].get("fused")
     p.grad = torch.ones_like(p)
     opt.step()  # the fused one would refuse complex parameters here
+
+
+def test_rmsprop_is_torchs_rmsprop_with_its_defaults():
+    torch.manual_seed(0)
+    start = torch.randn(5, 4)
+    ours, ref_p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = make_optimizer("rmsprop", [ours], lr=1e-4, weight_decay=0.0)
+    assert isinstance(opt, torch.optim.RMSprop)
+    ref = torch.optim.RMSprop([ref_p], lr=1e-4)  # the SupSup authors' call: optim.RMSprop(params, lr=lr)
+    for _ in range(3):
+        g = torch.randn_like(start)
+        for p, o in ((ours, opt), (ref_p, ref)):
+            p.grad = g.clone()
+            o.step()
+    torch.testing.assert_close(ours, ref_p)
+    assert not torch.equal(ours, start)

@@ -48,7 +48,8 @@ class RequiredPlugin:
         return self.plugin.__name__ + (f" with {extra}" if extra else "")
 
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW,
+              "rmsprop": torch.optim.RMSprop}  # RMSprop: the SupSup authors' GN runs (torch's defaults, lr 1e-4)
 #: Devices whose floating-point parameters torch's fused optimizer kernels take.
 FUSED_DEVICES = ("cpu", "cuda")
 
