@@ -11,10 +11,10 @@ that can run it (seaborn and tensorboard besides torch/torchvision). Their
 its own settings (FC 1024-1024, 200 outputs, RMSprop 1e-4, binary entropy search), only the seed, the number of
 tasks, the angle step, iterations and epochs per mask changed (``--iters`` iterations within at most ``--epochs``
 epochs; 469 batches of 128 are one epoch), on the CPU, and the GN evaluation done once, after the last task.
-Ours runs ``method=supsup benchmark=rotated_mnist`` at the same tasks, angles and steps through the same runner as
-``train.py``, either as configured (``--ours-setting default``) or switched to the authors' setting by overrides
-(``--ours-setting authors``). Each side's result is a JSON file in ``--results`` (kept; ``--force`` reruns); the
-authors' full log lies beside it.
+Ours runs at the same tasks, angles and steps through the same runner as ``train.py``, either on
+``method=supsup``'s defaults (``--ours-setting default``: LeNet-300-100, 10 outputs, Adam 0.01, one-shot) or on
+``experiment=supsup_rotated_mnist_gn``, the authors' setting (``--ours-setting authors``). Each side's result is a
+JSON file in ``--results`` (kept; ``--force`` reruns); the authors' full log lies beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SHIM = REPO / "benchmarks" / "authors_supsup_shim.py"
 SIDES = ("authors", "ours-default", "ours-authors")
+EXPERIMENT = "supsup_rotated_mnist_gn"  # the authors' setting as an experiment file
 PAPER = "Fig. 6 (GNu, 36 rotations 10 degrees apart, FC 1024-1024): a curve, no table"
 
 
@@ -55,19 +56,14 @@ def authors_command(python: str, checkout: str, seed: int, tasks: int, step: flo
 
 def ours_overrides(setting: str, seed: int, tasks: int, step: float, iters: int) -> list[str]:
     """Our side as ``train.py`` overrides: the benchmark's tasks and angles, ``iters`` steps per task; with
-    ``setting="authors"`` also their network, output width, optimiser, inference search and pixel scaling."""
-    listed = ",".join(f"{a:g}" for a in angles(tasks, step))
-    base = ["method=supsup", "benchmark=rotated_mnist", f"seed={seed}", f"benchmark.num_tasks={tasks}",
-            f"benchmark.angles=[{listed}]", f"trainer.max_steps={iters}", "trainer.max_epochs=-1", "logger=none"]
-    if setting == "default":
-        return base
-    if setting != "authors":
+    ``setting="default"`` on ``method=supsup``'s defaults, with ``setting="authors"`` on the experiment file that
+    holds their network, output width, optimiser, inference search and pixel scaling (``supsup_rotated_mnist_gn``)."""
+    if setting not in ("default", "authors"):
         raise ValueError(f"setting={setting!r} is not 'default' or 'authors'")
-    return [*base, "method.backbone.class_path=cl_lightning.nets.masked.MaskedMLP",
-            "method.backbone.init_args.hidden_sizes=[1024,1024]", "method.backbone.init_args.density=0.5",
-            "method.backbone.init_args.init=signed_constant",
-            "method.output_neurons=200", "method.inference_objective=entropy", "method.task_inference=binary",
-            "method.optimizer=rmsprop", "method.lr=0.0001", "benchmark.pixels=standard"]
+    listed = ",".join(f"{a:g}" for a in angles(tasks, step))
+    start = ["method=supsup", "benchmark=rotated_mnist"] if setting == "default" else [f"experiment={EXPERIMENT}"]
+    return [*start, f"seed={seed}", f"benchmark.num_tasks={tasks}", f"benchmark.angles=[{listed}]",
+            f"trainer.max_steps={iters}", "trainer.max_epochs=-1", "logger=none"]
 
 
 def parse_authors_log(log: str) -> dict[str, Any]:

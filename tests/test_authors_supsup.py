@@ -50,6 +50,12 @@ def test_ours_overrides_compose_to_the_same_tasks_angles_and_steps():
     assert (init["output_neurons"], init["task_inference"], init["optimizer"], init["lr"]) == (200, "binary",
                                                                                                 "rmsprop", 1e-4)
     assert theirs["benchmark"]["init_args"]["pixels"] == "standard"
+    assert theirs["benchmark"]["init_args"]["angles"] == default["benchmark"]["init_args"]["angles"]
+    assert theirs["trainer"]["max_steps"] == 469 and theirs["trainer"]["max_epochs"] == -1
+    # the experiment file alone is the same run: its evenly spaced angles and one epoch are 10 x 18 degrees, 469 steps
+    shipped = compose(["experiment=supsup_rotated_mnist_gn", "logger=none"])
+    assert shipped["method"] == theirs["method"]
+    assert shipped["benchmark"]["init_args"]["angles"] is None and shipped["trainer"]["max_epochs"] == 1
     with pytest.raises(ValueError, match="setting"):
         aus.ours_overrides("paper", 0, 10, 18.0, 469)
 
