@@ -167,6 +167,35 @@ def test_entropy_inference_picks_the_task_of_clearly_separated_inputs():
     assert (m.infer_task(x)[1] == 0).all()
 
 
+def test_all_heads_generates_every_task_head_and_each_task_reads_its_own():
+    """``heads=all`` (the authors' Split-MNIST main network): the target is num_tasks x k wide, and a task's
+    output, in training and in the entropy contest, is its own slice of its own generated weights."""
+    T, k = 3, 2
+    m = HNET(target=MLP(hidden_sizes=(8,)), hypernetwork=HyperNetwork(hidden_sizes=(8,)), heads="all",
+             task_inference="entropy")
+    m.setup_tasks(info(T, Scenario.CLASS_IL, k=k))
+    own = HNET(target=MLP(hidden_sizes=(8,)), hypernetwork=HyperNetwork(hidden_sizes=(8,)), task_inference="entropy")
+    own.setup_tasks(info(T, Scenario.CLASS_IL, k=k))
+    assert m.target is not None and own.target is not None
+    assert m.hypernetwork.num_target_weights - own.hypernetwork.num_target_weights == (T - 1) * k * (8 + 1)
+    m.eval()
+    x = torch.randn(10, 4)
+    for t in range(T):
+        full = m.target(m.generate([t])[0], x, m.task_buffers(t))
+        assert full.shape == (10, T * k)
+        assert torch.equal(m.run_task(t, x), full[:, t * k: (t + 1) * k])
+    m.current_task = T - 1
+    logits, chosen = m.infer_task(x)
+    assert logits.shape == (10, k)
+    expected = torch.stack([m.run_task(int(c), x[i: i + 1])[0] for i, c in enumerate(chosen)])
+    torch.testing.assert_close(logits, expected)
+    entropies = torch.stack([-(m.run_task(t, x).softmax(-1) * m.run_task(t, x).log_softmax(-1)).sum(-1)
+                             for t in range(T)])
+    assert torch.equal(chosen, entropies.argmin(0))
+    with pytest.raises(ValueError, match="heads='some'"):
+        HNET(heads="some")
+
+
 # ---------------------------------------------------------------------------------------- regularizer
 def test_lookahead_and_random_subset():
     torch.manual_seed(0)

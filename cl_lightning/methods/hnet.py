@@ -34,6 +34,7 @@ from cl_lightning.nets.mlp import MLP
 from cl_lightning.tasks import BenchmarkInfo, Scenario
 
 INFERENCE = ("auto", "given", "entropy")
+HEADS = ("own", "all")
 
 
 class HNET(ContinualModule):
@@ -46,6 +47,10 @@ class HNET(ContinualModule):
             :class:`~cl_lightning.nets.hypernetwork.ChunkedHyperNetwork`; its ``embedding_dim`` sets the
             size of the task embeddings.
         embedding_init_std: standard deviation of the initial task embeddings.
+        heads: ``own``: every embedding generates one task-wide head; ``all``: every embedding generates the heads
+            of all tasks (``num_tasks x outputs_per_task`` outputs) and a task reads its own slice, as the authors'
+            Split-MNIST code builds its main network for CL1/CL3 (the output regularizer then also holds the
+            other tasks' heads of past embeddings in place).
         task_inference: ``given`` (use the task id), ``entropy`` (HNET+ENT) or ``auto`` (given for
             task-IL and regression, entropy otherwise).
         lr, optimizer, momentum, weight_decay: the per-task optimizer (over the hypernetwork and the
@@ -60,7 +65,7 @@ class HNET(ContinualModule):
     _target_body: nn.Module  # set in __init__, outside the module tree (the hypernetwork generates its weights)
 
     def __init__(self, target: nn.Module | None = None, hypernetwork: HyperNetwork | None = None,
-                 embedding_init_std: float = 1.0, task_inference: str = "auto", lr: float = 1e-3,
+                 embedding_init_std: float = 1.0, task_inference: str = "auto", heads: str = "own", lr: float = 1e-3,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
                  plugins: Sequence[ContinualCallback] | None = None,
                  compile: bool | str = False):
@@ -68,6 +73,8 @@ class HNET(ContinualModule):
                          weight_decay=weight_decay, plugins=plugins, compile=compile)
         if task_inference not in INFERENCE:
             raise ValueError(f"task_inference={task_inference!r} is not one of {list(INFERENCE)}")
+        if heads not in HEADS:
+            raise ValueError(f"heads={heads!r} is not one of {list(HEADS)}")
         if not embedding_init_std > 0:
             raise ValueError(f"embedding_init_std={embedding_init_std} must be positive")
         if hypernetwork is not None and not isinstance(hypernetwork, HyperNetwork):
@@ -76,6 +83,7 @@ class HNET(ContinualModule):
         object.__setattr__(self, "_target_body", target if target is not None else MLP(hidden_sizes=(400, 400)))
         self.hypernetwork = hypernetwork if hypernetwork is not None else ChunkedHyperNetwork()
         self.embedding_init_std = embedding_init_std
+        self.heads = heads
         self.task_inference = task_inference
         self.inference = task_inference
         self.target: FunctionalTarget | None = None
@@ -95,9 +103,9 @@ class HNET(ContinualModule):
                              "use 'entropy' (HNET+ENT)")
         self.inference = inference
         width = fit_body(body, info, role="target")
+        outputs = info.outputs_per_task * (info.num_tasks if self.heads == "all" else 1)
         # global-batch statistics under DDP, so that DDP matches one process
-        self.target = FunctionalTarget(nn.Sequential(convert_to_global_batchnorm(body),
-                                                     nn.Linear(width, info.outputs_per_task)))
+        self.target = FunctionalTarget(nn.Sequential(convert_to_global_batchnorm(body), nn.Linear(width, outputs)))
         self.hypernetwork.set_target_shapes(self.target.param_shapes)
         dim = self.hypernetwork.embedding_dim
         self.task_embeddings = nn.ParameterList(
@@ -131,7 +139,12 @@ class HNET(ContinualModule):
         """The target's output on ``x`` with task ``task``'s generated weights (one task wide)."""
         assert self.target is not None
         self.target.train(self.training)
-        return self.target(self.generate([task])[0], x, self.task_buffers(task))
+        out = self.target(self.generate([task])[0], x, self.task_buffers(task))
+        if self.heads == "all":
+            assert self.info is not None
+            k = self.info.outputs_per_task
+            out = out[:, task * k: (task + 1) * k]
+        return out
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
         assert self.info is not None
@@ -148,7 +161,11 @@ class HNET(ContinualModule):
         self.target.train(False)
         seen = self.seen_tasks()
         weights = self.generate(range(seen))
-        outs = self.target.batched(weights, x, self.task_buffers(slice(0, seen)))  # [S, n, k]
+        outs = self.target.batched(weights, x, self.task_buffers(slice(0, seen)))  # [S, n, k] (heads: [S, n, T*k])
+        if self.heads == "all":  # task s reads its own head of its own generated weights
+            assert self.info is not None
+            own = torch.arange(seen, device=x.device)
+            outs = outs.unflatten(-1, (self.info.num_tasks, self.info.outputs_per_task))[own, :, own]
         logp = outs.log_softmax(-1)
         entropy = -(logp.exp() * logp).sum(-1)  # [S, n]
         chosen = entropy.argmin(0)
