@@ -1,90 +1,86 @@
 """The baselines side by side: ACC, BWT and training time of each method, in one script run.
 
-Two settings (``--part``):
+Every row is an experiment file that this script composes (``python train.py experiment=<name> logger=none`` reruns
+one row; benchmarks/baselines.md has the tables). Three settings (``--part``):
 
 - ``pmnist``: the issue's workload, Permuted-MNIST-10 single head (domain-IL), MLP 784-100-100-10, Adam 1e-3,
   batch 128, one epoch per task, memories as in the Avalanche runs quoted in benchmarks/baselines.md (Replay
-  200 samples, GEM / A-GEM 256 per task). ``--samples`` scales the training samples per task (60000 = full).
+  200 samples, GEM / A-GEM 256 per task): ``configs/experiment/baselines_permuted_mnist_<method>[_<memory>].yaml``,
+  all on ``baselines_permuted_mnist_finetune``. ``--samples`` sets the training samples per task (60000 = full) and
+  ``--tasks`` the number of tasks, and with it the memories of 256 per task (2560 in the files, for 10 tasks).
 - ``seqmnist``: the DER paper's Seq-MNIST class-IL (5 tasks of 2 digits, MLP 784-100-100-10, one epoch per
-  task) at buffers 200 and 500, for ER, GEM, A-GEM, iCaRL, LwF, DER, DER++, fine-tuning, ER-ACE and GDumb;
+  task) at buffers 200 and 500, for ER, GEM, A-GEM, iCaRL, LwF, DER, DER++, fine-tuning, ER-ACE and GDumb:
+  ``configs/experiment/baselines_split_mnist_<method>[_<buffer>].yaml``, all on ``baselines_split_mnist_finetune``;
   ``--seq-samples`` and ``--seq-batch`` scale it (the paper: all samples, batch 10, SGD with its tuned lr;
-  we keep Adam 1e-3).
+  we keep Adam 1e-3; GDumb keeps its own recipe). The replay batches follow ``--seq-batch``.
 - ``der``: the DER paper's own protocol and Mammoth's tuned hyper-parameters (``utils/best_args.py``), beside the
   paper's Table 2 means: Seq-MNIST class-IL (5 tasks, stream batch 10), P-MNIST and R-MNIST domain-IL (20 tasks,
   batch 128, a uniform random angle in [0, 180) per R-MNIST task); all training images, one epoch per task, plain
-  SGD, MLP 784-100-100-10 (PyTorch's default initialisation). Every row is an experiment file,
-  ``configs/experiment/mammoth_<benchmark>_<method>[_<buffer>].yaml``, that this script composes (``python train.py
-  experiment=<name>`` reruns one row). ``--der-benchmarks`` picks among ``seq perm rot``. Mammoth's ER takes one
-  cross-entropy over the current batch concatenated with the replayed one, ``(B CE_cur + m CE_mem) / (B + m)``, where
-  our ``ExperienceReplay`` adds ``CE_cur + CE_mem``; with plain SGD that is the same step at the learning rate scaled
-  by ``B / (B + m)``, which the ER files use.
+  SGD, MLP 784-100-100-10 (PyTorch's default initialisation):
+  ``configs/experiment/mammoth_<benchmark>_<method>[_<buffer>].yaml``. ``--der-benchmarks`` picks among
+  ``seq perm rot``. Mammoth's ER takes one cross-entropy over the current batch
+  concatenated with the replayed one, ``(B CE_cur + m CE_mem) / (B + m)``, where our ``ExperienceReplay`` adds
+  ``CE_cur + CE_mem``; with plain SGD that is the same step at the learning rate scaled by ``B / (B + m)``, which the
+  ER files use.
 
-Times are ``train_seconds`` of the run (training only, evaluation excluded) and, as the machine may be shared,
-each is also given as a ratio to fine-tuning measured in the same script run.
+``--buffers`` picks the files of those buffers (200 and 500 are written). Times are ``train_seconds`` of the run
+(training only, evaluation excluded) and, as the machine may be shared, each is also given as a ratio to fine-tuning
+measured in the same script run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import data_dir, timed_run  # noqa: E402
-from cl_lightning.callbacks import (  # noqa: E402
-    AGEM,
-    EWC,
-    GEM,
-    DarkExperienceReplay,
-    ExperienceReplay,
-    GradientSignFilter,
-    LwF,
-    RehearsalPlugin,
-)
-from cl_lightning.callbacks.icarl import ICaRLExemplars  # noqa: E402
 from cl_lightning.config import compose  # noqa: E402
-from cl_lightning.datamodules import PermutedMNIST, SplitMNIST  # noqa: E402
-from cl_lightning.methods import ERACE, ContinualModule, GDumb, ICaRL  # noqa: E402
-from cl_lightning.nets import MLP  # noqa: E402
-from cl_lightning.runner import ContinualRunner  # noqa: E402
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+
+#: ``--part pmnist``'s rows, in the table's order: (row name, experiment file
+#: ``configs/experiment/baselines_permuted_mnist_<file>.yaml``, the plugin whose memory is 256 samples per task). That
+#: memory is 2560 in the files (10 tasks) and follows ``--tasks``: ``{memory}`` in the row name is its size.
+PMNIST_ROWS = (
+    ("finetune", "finetune", None),
+    ("er (200)", "er_200", None),
+    ("der (200)", "der_200", None),
+    ("derpp (200)", "derpp_200", None),
+    ("agem (256/task, {memory})", "agem_2560", "AGEM"),
+    ("gem (256/task, {memory})", "gem_2560", "GEM"),
+    ("gradsign memory ({memory})", "gradsign_memory_2560", "GradientSignFilter"),
+    ("lwf", "lwf", None),
+    ("ewc (1000)", "ewc", None),
+)
+PER_TASK_MEMORY = 256
+
+#: ``--part seqmnist``'s rows, in the table's order: ``configs/experiment/baselines_split_mnist_<method>_<buffer>.yaml``
+#: (``baselines_split_mnist_<method>.yaml`` for the two without a memory, in every buffer's table).
+SEQMNIST_METHODS = ("finetune", "lwf", "er", "gem", "agem", "icarl", "der", "derpp", "er_ace", "gdumb")
 
 
-def pmnist_methods(tasks: int, batch: int) -> dict:
-    per_task = 256 * tasks
-    return {
-        "finetune": lambda: (ContinualModule, []),
-        "er (200)": lambda: (ContinualModule, [ExperienceReplay(200, batch)]),
-        "der (200)": lambda: (ContinualModule, [DarkExperienceReplay(200, batch, alpha=0.3)]),
-        "derpp (200)": lambda: (ContinualModule, [DarkExperienceReplay(200, batch, alpha=0.1, beta=0.5)]),
-        f"agem (256/task, {per_task})": lambda: (ContinualModule, [AGEM(per_task, 256)]),
-        f"gem (256/task, {per_task})": lambda: (ContinualModule, [GEM(per_task)]),
-        f"gradsign memory ({per_task})": lambda: (ContinualModule, [GradientSignFilter(
-            reference="memory", memory_size=per_task, memory_batch_size=256)]),
-        "lwf": lambda: (ContinualModule, [LwF()]),
-        "ewc (1000)": lambda: (ContinualModule, [EWC(strength=1000.0, fisher_samples=2000)]),
-    }
+def pmnist_row(row: tuple[str, str, str | None], tasks: int) -> tuple[str, list[str]]:
+    """A ``--part pmnist`` row at ``tasks`` tasks: (row name, overrides that compose it)."""
+    name, file, per_task = row
+    overrides = [f"experiment=baselines_permuted_mnist_{file}", f"benchmark.num_tasks={tasks}"]
+    if per_task:
+        overrides.append(f"method.plugins.{per_task}.memory_size={PER_TASK_MEMORY * tasks}")
+    return name.format(memory=PER_TASK_MEMORY * tasks), overrides
 
 
-def seqmnist_methods(buffer: int, batch: int) -> dict:
-    return {
-        "finetune": lambda: (ContinualModule, []),
-        "lwf": lambda: (ContinualModule, [LwF()]),
-        f"er ({buffer})": lambda: (ContinualModule, [ExperienceReplay(buffer, batch)]),
-        f"gem ({buffer})": lambda: (ContinualModule, [GEM(buffer)]),
-        f"agem ({buffer})": lambda: (ContinualModule, [AGEM(buffer, min(buffer, 256))]),
-        f"icarl ({buffer})": lambda: (ICaRL, [ICaRLExemplars(buffer, batch)]),
-        f"der ({buffer})": lambda: (ContinualModule, [DarkExperienceReplay(buffer, batch, alpha=0.3)]),
-        f"derpp ({buffer})": lambda: (ContinualModule, [DarkExperienceReplay(buffer, batch, alpha=0.1, beta=0.5)]),
-        f"er_ace ({buffer})": lambda: (ERACE, [ExperienceReplay(buffer, batch)]),
-        f"gdumb ({buffer})": lambda: (GDumb, [RehearsalPlugin(buffer, insertion="task_end", balance="class")]),
-    }
+def seqmnist_experiment(method: str, buffer: int) -> tuple[str, str] | None:
+    """A ``--part seqmnist`` row at ``buffer``: (row name, experiment file); None when no file is written for it."""
+    for name, row in ((f"baselines_split_mnist_{method}", method),
+                      (f"baselines_split_mnist_{method}_{buffer}", f"{method} ({buffer})")):
+        if (EXPERIMENTS / f"{name}.yaml").exists():
+            return row, name
+    return None
 
 
 #: The DER protocol's rows, in the table's order: experiment files ``configs/experiment/mammoth_<benchmark>_<method>``
@@ -94,7 +90,6 @@ def seqmnist_methods(buffer: int, batch: int) -> dict:
 #: recipe.
 DER_METHODS = ("sgd", "lwf", "er", "gem", "agem", "icarl", "der", "derpp", "er_ace", "gdumb")
 DER_BENCHMARKS = {"seq": "split_mnist", "perm": "permuted_mnist", "rot": "rotated_mnist"}
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiment"
 
 #: The DER paper's Table 2 means (%, "averaged across 10 runs"), as published with its code: the results table of
 #: Mammoth's first README (aimagelab/mammoth ``README.md`` at commit 7ab9db97). Its standard deviations for the
@@ -152,42 +147,25 @@ def der_table(bench: str, root: str, seeds: list[int], buffers: list[int], only:
                   f"{'-' if paper is None else f'{paper:.2f}'} | {t:.1f} | {t / base:.2f} |", flush=True)
 
 
-def run_model(model: ContinualModule, dm, seed: int, out: Path) -> dict:
-    """One run of the task loop on the CPU, one epoch per task, quiet; ``wall_seconds`` added."""
-    kwargs = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
-              "log_every_n_steps": 50}
-    began = time.perf_counter()
-    metrics = ContinualRunner(model, dm, out, trainer_kwargs=kwargs, seed=seed).run()
-    metrics["wall_seconds"] = time.perf_counter() - began
-    return metrics
-
-
-def run(make, dm, seed: int, out: Path) -> dict:
-    cls, plugins = make()
-    L.seed_everything(seed, verbose=False)
-    if cls is GDumb:  # its own recipe: SGD + cosine schedule from scratch on the memory, 30 epochs
-        model = GDumb(MLP(hidden_sizes=[100, 100]), plugins=plugins)
-    else:
-        model = cls(MLP(hidden_sizes=[100, 100]), lr=1e-3, optimizer="adam", plugins=plugins)
-    return run_model(model, dm, seed, out)
-
-
 def spread(values: list[float]) -> str:
     """Mean ± sample standard deviation (n-1), as ``cl-lightning report`` gives it."""
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
-def table(title: str, methods: dict, make_dm, seeds: list[int], root: Path, only: list[str] | None) -> None:
+def table(title: str, rows: list[tuple[str, list[str]]], common: list[str], seeds: list[int],
+          only: list[str] | None) -> None:
+    """Runs each row (its name and the overrides that compose it, then ``common``) over ``seeds``; one table line
+    per row. ``only``: the rows whose name starts with one of these words."""
     if only:
-        methods = {k: v for k, v in methods.items() if k.split()[0] in only}
+        rows = [(name, overrides) for name, overrides in rows if name.split()[0] in only]
     print(f"\n### {title}\n")
     print("| method | ACC (%) | BWT (%) | train s | x fine-tuning |")
     print("|---|---|---|---|---|")
     base = None
-    for name, make in methods.items():
+    for name, overrides in rows:
         accs, bwts, secs = [], [], []
         for seed in seeds:
-            m = run(make, make_dm(), seed, root / f"run_{len(list(root.iterdir()))}")
+            m, _ = timed_run(compose([*overrides, *common, f"seed={seed}"]))
             accs.append(100 * m["ACC"])
             bwts.append(100 * m["BWT"])
             secs.append(m["train_seconds"])
@@ -215,25 +193,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = data_dir()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        if args.part in ("pmnist", "all"):
-            def pm():
-                return PermutedMNIST(num_tasks=args.tasks, data_dir=root, batch_size=128,
-                                     train_samples_per_task=args.samples, eval_batch_size=2000)
-            table(f"Permuted-MNIST-{args.tasks}, domain-IL, {args.samples} samples/task, batch 128, Adam 1e-3, "
-                  f"1 epoch, seeds {args.seeds}", pmnist_methods(args.tasks, 128), pm, args.seeds, tmp, args.methods)
-        if args.part in ("seqmnist", "all"):
-            for buffer in args.buffers:
-                def seq():
-                    return SplitMNIST(data_dir=root, scenario="class", batch_size=args.seq_batch,
-                                      train_samples_per_task=args.seq_samples, eval_batch_size=2000)
-                table(f"Seq-MNIST class-IL, buffer {buffer}, {args.seq_samples or 'all'} samples/task, batch "
-                      f"{args.seq_batch}, Adam 1e-3, 1 epoch, seeds {args.seeds}",
-                      seqmnist_methods(buffer, args.seq_batch), seq, args.seeds, tmp, args.methods)
-        if args.part == "der":  # not in "all": the paper's full protocol takes hours on a laptop CPU
-            for bench in args.der_benchmarks:
-                der_table(bench, root, args.seeds, args.buffers, args.methods, args.der_samples)
+    seq_rows = [(buffer, [seqmnist_experiment(name, buffer) for name in SEQMNIST_METHODS]) for buffer in args.buffers]
+    missing = [f"{name} at buffer {b}" for b, rows in seq_rows for name, row in zip(SEQMNIST_METHODS, rows, strict=True)
+               if row is None]
+    if args.part in ("seqmnist", "all") and missing:
+        parser.error(f"--buffers: no experiment file (configs/experiment/baselines_split_mnist_<method>_<buffer>.yaml) "
+                     f"for {', '.join(missing)}")
+    quiet = ["logger=none", f"data_dir={root}", "trainer.enable_progress_bar=false"]
+    if args.part in ("pmnist", "all"):
+        table(f"Permuted-MNIST-{args.tasks}, domain-IL, {args.samples} samples/task, batch 128, Adam 1e-3, "
+              f"1 epoch, seeds {args.seeds}", [pmnist_row(row, args.tasks) for row in PMNIST_ROWS],
+              [*quiet, f"benchmark.train_samples_per_task={args.samples}"], args.seeds, args.methods)
+    if args.part in ("seqmnist", "all"):
+        samples = "null" if args.seq_samples is None else args.seq_samples
+        for buffer, rows in seq_rows:
+            table(f"Seq-MNIST class-IL, buffer {buffer}, {args.seq_samples or 'all'} samples/task, batch "
+                  f"{args.seq_batch}, Adam 1e-3, 1 epoch, seeds {args.seeds}",
+                  [(name, [f"experiment={file}"]) for name, file in filter(None, rows)],
+                  [*quiet, f"benchmark.batch_size={args.seq_batch}", f"benchmark.train_samples_per_task={samples}"],
+                  args.seeds, args.methods)
+    if args.part == "der":  # not in "all": the paper's full protocol takes hours on a laptop CPU
+        for bench in args.der_benchmarks:
+            der_table(bench, root, args.seeds, args.buffers, args.methods, args.der_samples)
 
 
 if __name__ == "__main__":

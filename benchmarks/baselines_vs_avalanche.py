@@ -7,7 +7,8 @@
 Workload (both sides): Permuted-MNIST single head (domain-IL), MLP 784-100-100-10 (ReLU), Adam lr 1e-3,
 batch 128, one epoch per task, ``--samples`` training images per task (60,000 = all), every task's full
 test set evaluated after each task (eval batch 2,000), CPU, ``--threads`` torch threads. Pairs
-(Avalanche strategy / ours):
+(Avalanche strategy / ours: the rows of benchmarks/baselines_reproduce.py, experiment files
+``configs/experiment/baselines_permuted_mnist_<method>...``, at this workload's tasks, seed and pixels):
 
 - naive / fine-tuning;
 - ``Replay(mem_size=200)`` / ``ExperienceReplay(200, 128)``;
@@ -34,7 +35,7 @@ outside both, and each side first runs one untimed warm-up task. Avalanche's eva
 lightest that still gives the accuracy: experience accuracy only, no loggers (no interactive or text
 logger, no loss or epoch metrics, no periodic evaluation), so its times are not inflated by our choice of
 logging. Ours: ``train_seconds`` of the run's metrics (training only) and the rest of the run's wall time
-(evaluation, Trainer construction and checkpoints) as eval s.
+(evaluation, building the benchmark and method, Trainer construction and checkpoints) as eval s.
 The ratio column is Avalanche's train s over ours; "target met" is the issue's target: ratio >= 10 and our
 ACC >= Avalanche's. On a shared machine only ratios measured in the same run mean anything.
 """
@@ -46,7 +47,6 @@ import contextlib
 import io
 import random
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -58,12 +58,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.baselines_reproduce import pmnist_methods, spread  # noqa: E402
-from benchmarks.baselines_reproduce import run as run_ours_method  # noqa: E402
-from benchmarks.common import data_dir  # noqa: E402
-from cl_lightning.callbacks import EWC  # noqa: E402
-from cl_lightning.datamodules import PermutedMNIST  # noqa: E402
-from cl_lightning.methods import ContinualModule  # noqa: E402
+from benchmarks.baselines_reproduce import PMNIST_ROWS, pmnist_row, spread  # noqa: E402
+from benchmarks.common import data_dir, timed_run  # noqa: E402
+from cl_lightning.config import compose  # noqa: E402
 
 METHODS = ("naive", "replay", "gem", "agem", "lwf", "ewc")
 OURS_ROW = {"naive": "finetune", "replay": "er", "gem": "gem", "agem": "agem", "lwf": "lwf", "ewc": "ewc"}
@@ -134,16 +131,23 @@ def run_avalanche(av, name: str, experiences, test_stream, seed: int) -> dict:
     return {"acc": 100 * float(np.mean(accs)), "train": train_s, "eval": eval_s}
 
 
-def run_ours(name: str, tasks: int, samples: int, seed: int, root: str, out: Path, pixels: str = "standard") -> dict:
-    """Our method through the same tasks (the configuration of benchmarks/baselines_reproduce.py)."""
-    makers = {k.split()[0]: v for k, v in pmnist_methods(tasks, BATCH).items()}
-    makers["ewc"] = lambda: (ContinualModule, [EWC(strength=2000.0, fisher_samples=2000, fisher_estimator="minibatch",
-                                                   fisher_batch_size=BATCH)])  # Avalanche's objective (docstring)
-    dm = PermutedMNIST(num_tasks=tasks, data_dir=root, batch_size=BATCH, seed=seed, eval_batch_size=EVAL_BATCH,
-                       train_samples_per_task=None if samples >= FULL else samples, pixels=pixels)
+def run_ours(name: str, tasks: int, samples: int, seed: int, root: str, pixels: str = "standard") -> dict:
+    """Our method through the same tasks: its row of benchmarks/baselines_reproduce.py (the experiment file
+    ``configs/experiment/baselines_permuted_mnist_<method>...``) with this workload's permutations (from ``seed``),
+    pixel scale and sample count; EWC with Avalanche's objective (the docstring)."""
+    row = next(r for r in PMNIST_ROWS if r[0].split()[0] == OURS_ROW[name])
+    _, overrides = pmnist_row(row, tasks)
+    overrides += ["logger=none", f"data_dir={root}", "trainer.enable_progress_bar=false", f"seed={seed}",
+                  f"benchmark.seed={seed}", f"benchmark.pixels={pixels}",
+                  f"benchmark.train_samples_per_task={'null' if samples >= FULL else samples}"]
+    if name == "ewc":
+        overrides += ["method.plugins.EWC.strength=2000.0", "method.plugins.EWC.fisher_estimator=minibatch",
+                      f"method.plugins.EWC.fisher_batch_size={BATCH}"]
+    began = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the runner's per-task report; the table says it all
-        m = run_ours_method(makers[OURS_ROW[name]], dm, seed, out)
-    return {"acc": 100 * m["ACC"], "train": m["train_seconds"], "eval": m["wall_seconds"] - m["train_seconds"]}
+        m, _ = timed_run(compose(overrides))
+    wall = time.perf_counter() - began
+    return {"acc": 100 * m["ACC"], "train": m["train_seconds"], "eval": wall - m["train_seconds"]}
 
 
 def main() -> None:
@@ -165,31 +169,29 @@ def main() -> None:
     root = data_dir()
     av = import_avalanche() if args.only in ("avalanche", "both") else None
     results: dict[str, dict[str, list[dict]]] = {m: {"avalanche": [], "ours": []} for m in args.methods}
-    with tempfile.TemporaryDirectory() as tmp:
-        # one untimed task of 512 images per side first, so neither pays the process's one-time costs (lazy
-        # imports, first kernels, MNIST read from disk) inside the first method's row
+    # one untimed task of 512 images per side first, so neither pays the process's one-time costs (lazy
+    # imports, first kernels, MNIST read from disk) inside the first method's row
+    if av is not None:
+        run_avalanche(av, "naive", *avalanche_benchmark(av, 1, 512, 0, root), 0)
+    if args.only in ("ours", "both"):
+        run_ours("naive", 1, 512, 0, root, args.pixels)
+    for seed in args.seeds:
         if av is not None:
-            run_avalanche(av, "naive", *avalanche_benchmark(av, 1, 512, 0, root), 0)
-        if args.only in ("ours", "both"):
-            run_ours("naive", 1, 512, 0, root, Path(tmp) / "warmup", args.pixels)
-        for seed in args.seeds:
+            began = time.perf_counter()
+            experiences, test_stream = avalanche_benchmark(av, args.tasks, args.samples, seed, root)
+            print(f"seed {seed}: Avalanche benchmark built in {time.perf_counter() - began:.1f} s (not timed)",
+                  flush=True)
+        for name in args.methods:
             if av is not None:
-                began = time.perf_counter()
-                experiences, test_stream = avalanche_benchmark(av, args.tasks, args.samples, seed, root)
-                print(f"seed {seed}: Avalanche benchmark built in {time.perf_counter() - began:.1f} s (not timed)",
-                      flush=True)
-            for name in args.methods:
-                if av is not None:
-                    r = run_avalanche(av, name, experiences, test_stream, seed)
-                    results[name]["avalanche"].append(r)
-                    print(f"  avalanche {name}: ACC {r['acc']:.2f}, train {r['train']:.1f} s, "
-                          f"eval {r['eval']:.1f} s", flush=True)
-                if args.only in ("ours", "both"):
-                    out = Path(tmp) / f"{name}_{seed}"
-                    r = run_ours(name, args.tasks, args.samples, seed, root, out, args.pixels)
-                    results[name]["ours"].append(r)
-                    print(f"  ours {name}: ACC {r['acc']:.2f}, train {r['train']:.1f} s, "
-                          f"eval and setup {r['eval']:.1f} s", flush=True)
+                r = run_avalanche(av, name, experiences, test_stream, seed)
+                results[name]["avalanche"].append(r)
+                print(f"  avalanche {name}: ACC {r['acc']:.2f}, train {r['train']:.1f} s, "
+                      f"eval {r['eval']:.1f} s", flush=True)
+            if args.only in ("ours", "both"):
+                r = run_ours(name, args.tasks, args.samples, seed, root, args.pixels)
+                results[name]["ours"].append(r)
+                print(f"  ours {name}: ACC {r['acc']:.2f}, train {r['train']:.1f} s, "
+                      f"eval and setup {r['eval']:.1f} s", flush=True)
 
     print(f"\n### Permuted-MNIST-{args.tasks}, domain-IL, {args.samples} samples/task, batch {BATCH}, Adam 1e-3, "
           f"1 epoch, {args.threads} threads, seeds {args.seeds}, our pixels {args.pixels}\n")
