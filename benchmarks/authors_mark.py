@@ -61,12 +61,16 @@ class Setting:
     lr_task: float = 0.1     # task phases (their lr_task)
     lr_meta: float = 0.01    # inner lr; outer lr = 0.1 x it (their lr_meta)
     relu: bool = True        # mask activation (their use_relu)
+    kb_channels: tuple[int, int, int] = AUTHORS_KB_CHANNELS  # theirs: fixed by Net; others through the shim
 
 
 SETTINGS: dict[str, Setting] = {
     "short": Setting("experiment=mark_split_mnist_short's schedule at their network", "mark_split_mnist_short",
                      train_samples=1000, batch_size=64, latent_dim=64, epochs=3, meta_steps=5, mini_tasks=5,
                      inner_steps=20),
+    "short_kb16": Setting("as short, with mark_split_mnist_short's KB widths 16/32/32 (F stays their 32/32)",
+                          "mark_split_mnist_short", train_samples=1000, batch_size=64, latent_dim=64, epochs=3,
+                          meta_steps=5, mini_tasks=5, inner_steps=20, kb_channels=(16, 32, 32)),
     "authors": Setting("their config_cifar100.yml / main.py defaults (50 epochs, 10 x 10 x 40) on 1,000 images",
                        "mark_split_mnist", train_samples=1000, batch_size=128, latent_dim=128, epochs=50,
                        meta_steps=10, mini_tasks=10, inner_steps=40),
@@ -86,7 +90,7 @@ def ours_overrides(setting: Setting, seed: int) -> list[str]:
     return [f"experiment={setting.experiment}", f"seed={seed}", "logger=none",
             f"benchmark.train_samples_per_task={setting.train_samples}", f"benchmark.batch_size={setting.batch_size}",
             "benchmark.pixels=unit", "benchmark.scenario=task",
-            "method.kb_channels=[" + ",".join(map(str, AUTHORS_KB_CHANNELS)) + "]",
+            "method.kb_channels=[" + ",".join(map(str, setting.kb_channels)) + "]",
             "method.feature_channels=[" + ",".join(map(str, AUTHORS_F_CHANNELS)) + "]",
             f"method.latent_dim={setting.latent_dim}", "method.feature_dim=null",
             f"method.mask_activation={'relu' if setting.relu else 'sigmoid'}",
@@ -107,17 +111,19 @@ def authors_command(python: str, checkout: str, setting: Setting, seed: int, dat
             "--feats-epochs", str(setting.epochs), "--meta-epochs", str(setting.meta_steps),
             "--mini-tasks", str(setting.mini_tasks), "--inner-loop", str(setting.inner_steps),
             "--use-relu", "1" if setting.relu else "0", "--lr-task", f"{setting.lr_task:g}",
-            "--lr-meta", f"{setting.lr_meta:g}"]
+            "--lr-meta", f"{setting.lr_meta:g}",
+            *(["--kb-channels", *map(str, setting.kb_channels)] if setting.kb_channels != AUTHORS_KB_CHANNELS else [])]
 
 
 def mapping(setting: Setting) -> list[tuple[str, str, str]]:
     """(knob, ours, theirs) for every setting the two sides share or differ in."""
     s = setting
-    kb, f = "/".join(map(str, AUTHORS_KB_CHANNELS)), "/".join(map(str, AUTHORS_F_CHANNELS))
+    kb, f = "/".join(map(str, s.kb_channels)), "/".join(map(str, AUTHORS_F_CHANNELS))
+    theirs_kb = kb if s.kb_channels == AUTHORS_KB_CHANNELS else f"{kb} (the shim's --kb-channels to Shared, Private)"
     return [
         ("data", f"split_mnist task-IL, {s.train_samples} training images per task (benchmark seed 0), all test "
          "images, pixels in [0, 1]", "the same tensors, in the slot of their CIFAR-100 loader"),
-        ("KB", f"kb_channels {kb}, latent_dim {s.latent_dim}, dropout 0.5", f"Net(experiment=cifar100): {kb}, "
+        ("KB", f"kb_channels {kb}, latent_dim {s.latent_dim}, dropout 0.5", f"Net(experiment=cifar100): {theirs_kb}, "
          f"latent_dim {s.latent_dim}, Dropout(0.5)"),
         ("F_t", f"feature_channels {f}, feature_dim = latent", f"Private(experiment=cifar100): {f}, flatten 1152"),
         ("masks", "relu" if s.relu else "sigmoid", f"use_relu {s.relu}"),
@@ -187,7 +193,7 @@ def run_authors(args: argparse.Namespace, setting: Setting, seed: int, name: str
                           run_dir.resolve())
     if args.force or not log_path.exists() or "authors-shim result" not in log_path.read_text():
         print("authors:", " ".join(cmd), flush=True)
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
         with log_path.open("w") as log:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         if done.returncode != 0:

@@ -100,6 +100,20 @@ def write_config(checkout: str, run_dir: str, opts: argparse.Namespace) -> str:
     return path
 
 
+def set_kb_channels(conv: Any, channels: list[int]) -> None:
+    """Their ``Net`` picks the KB widths by ``args.experiment`` (cifar100: 64/128/256) and hands them to ``Shared``
+    (the KB) and ``Private`` (the mask sizes); this passes ``channels`` to both instead. Only the argument changes:
+    their F keeps its fixed 32/32 channels."""
+    for cls in (conv.Shared, conv.Private):
+        init = cls.__init__
+
+        def patched(self: Any, args: Any, hiddens: Any, *rest: Any, _init: Any = init) -> None:
+            _init(self, args, [*channels, *list(hiddens)[len(channels):]], *rest)
+
+        cls.__init__ = patched
+    print("authors-shim kb_channels", channels, flush=True)
+
+
 def result_from_log(run_dir: str, wall: float) -> dict[str, Any]:
     """Their pickled log (``utils.print_log_acc_bwt``): accuracy matrix (row = after task, fractions), ACC, BWT."""
     with open(os.path.join(run_dir, "logs_run_id_0.p"), "rb") as f:
@@ -124,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--use-relu", type=int, choices=(0, 1), default=1, help="0: sigmoid masks")
     parser.add_argument("--lr-task", type=float, help="their lr_task (config: 0.1)")
     parser.add_argument("--lr-meta", type=float, help="their lr_meta: inner lr, outer lr = 0.1 x it (config: 0.01)")
+    parser.add_argument("--kb-channels", type=int, nargs=3, help="the KB's widths, passed to their Shared and "
+                        "Private (mask sizes) in place of Net's 64/128/256 (not given: theirs)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     opts = parser.parse_args(argv)
 
@@ -150,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.modules["dataloaders.cifar100"] = module
     package.cifar100 = module  # type: ignore[attr-defined]
 
+    if opts.kb_channels:
+        set_kb_channels(importlib.import_module("models.conv"), list(opts.kb_channels))
     sys.argv = [main_py, "--config", config, "--feats-epochs", str(opts.feats_epochs),
                 "--meta-epochs", str(opts.meta_epochs), "--mini-tasks", str(opts.mini_tasks),
                 "--inner-loop", str(opts.inner_loop), "--use-relu", str(opts.use_relu)]
