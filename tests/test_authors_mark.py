@@ -110,3 +110,28 @@ def test_shim_loader_has_their_shape_and_config_changes_only_the_named_keys(tmp_
     cfg = OmegaConf.load(shim.write_config(str(tmp_path), str(tmp_path), opts))
     assert (cfg.seed, cfg.num_runs, cfg.ntasks, cfg.batch_size, cfg.latent_dim, cfg.workers) == (1, 1, 2, 64, 64, 0)
     assert (cfg.experiment, cfg.lr_task, cfg.lr_meta, cfg.use_relu) == ("cifar100", 0.1, 0.01, True)
+
+
+def test_kb_widths_reach_their_shared_and_private_only_when_changed():
+    wide = am.authors_command("p", "c", am.SETTINGS["short"], 0, Path("/d"), Path("/r"))
+    assert "--kb-channels" not in wide  # their Net's own 64/128/256
+    narrow = am.authors_command("p", "c", am.SETTINGS["short_kb16"], 0, Path("/d"), Path("/r"))
+    i = narrow.index("--kb-channels")
+    assert narrow[i + 1: i + 4] == ["16", "32", "32"]
+    assert compose(am.ours_overrides(am.SETTINGS["short_kb16"], 0))["method"]["init_args"]["kb_channels"] == [16, 32,
+                                                                                                             32]
+    seen = {}
+
+    class Shared:
+        def __init__(self, args, hiddens):
+            seen["shared"] = hiddens
+
+    class Private:
+        def __init__(self, args, hiddens, layers):
+            seen["private"] = (hiddens, layers)
+
+    conv = SimpleNamespace(Shared=Shared, Private=Private)
+    shim.set_kb_channels(conv, [16, 32, 32])
+    Shared(None, [64, 128, 256, 512, 512])
+    Private(None, [64, 128, 256, 512, 512], 3)
+    assert seen == {"shared": [16, 32, 32, 512, 512], "private": ([16, 32, 32, 512, 512], 3)}
