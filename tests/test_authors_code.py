@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "authors_code.py"
-_spec = importlib.util.spec_from_file_location("authors_code", _PATH)
-assert _spec is not None and _spec.loader is not None
-ac = importlib.util.module_from_spec(_spec)
-sys.modules["authors_code"] = ac
-_spec.loader.exec_module(ac)
+from tests.helpers.scripts import load_script
+
+ac = load_script("authors_code")
 
 # The head of a real performance_overview.txt (HNET+ENT S-CL3, seed 0, 500 steps, this machine).
 SUMMARY = """acc_after_list tensor(88.2270) tensor(47.7963) tensor(89.0075) tensor(67.9758) tensor(39.9395)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,21 +10,10 @@ import pytest
 import torch
 
 from cl_lightning.config import compose
+from tests.helpers.scripts import load_script
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-am = _load("authors_mark")
-shim = _load("authors_mark_shim")
+am = load_script("authors_mark")
+shim = load_script("authors_mark_shim")
 
 
 def test_ours_overrides_compose_to_the_setting_and_their_network():

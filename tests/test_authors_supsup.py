@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from cl_lightning.config import compose
+from tests.helpers.scripts import load_script
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-aus = _load("authors_supsup")
-shim = _load("authors_supsup_shim")
+aus = load_script("authors_supsup")
+shim = load_script("authors_supsup_shim")
 
 
 def test_authors_command_sets_only_seed_budget_and_angles():
