@@ -98,6 +98,27 @@ def test_mark_forgets_far_less_than_baseline1_and_masks_matter(mnist_root, tmp_p
     assert ours["ACC"] > masks_off["ACC"] + 0.1, "the masks matter at this scale"
 
 
+def test_feature_statistics_are_those_of_the_final_weights_over_the_split(mnist_root, tmp_path):
+    """After its phase, F_t's first batch norm holds the mean and variance of its input over the task's whole
+    training split under F_t's final weights (not the running average of the phase's few steps, which left
+    masks too small, benchmarks/mark.md); F_t stays in eval mode and its masks do not depend on the batch."""
+    model = mark(epochs=2, meta_steps=0)
+    dm = data(mnist_root, samples=200)
+    m = run_tasks(model, dm, tmp_path / "run")
+    assert np.asarray(m["R"]).diagonal().mean() > 0.8
+    for t in (0, 1):
+        f = model.extractors[t]
+        assert not f.training
+        conv, bn = f.net[0], f.net[1]
+        x = dm.split(t, "train")[torch.arange(len(dm.split(t, "train")))][0]
+        with torch.no_grad():
+            z = conv(x)
+        torch.testing.assert_close(bn.running_mean, z.mean((0, 2, 3)), atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(bn.running_var, z.var((0, 2, 3)), atol=1e-4, rtol=0.05)
+        one_by_one = torch.cat([model.task_masks(t, x[i:i + 1])[0] for i in range(4)])
+        torch.testing.assert_close(one_by_one, model.task_masks(t, x[:4])[0])
+
+
 @pytest.mark.parametrize(("crash_task", "crash_step", "mid_task_checkpoint"),
                          [(0, 3, True), (1, 1, False), (1, 3, True), (1, 6, True)],
                          ids=["inside-kb-pretrain-phase", "inside-features-phase", "inside-masks-phase",
