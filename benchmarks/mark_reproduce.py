@@ -123,7 +123,7 @@ def main() -> None:
           "one net per task | wall s | CIFAR-100 paper | CIFAR-100 report |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, accs, bwts, diags, walls, drift, store in rows:
-        sd = lambda v: f" ± {np.std(v):.2f}" if len(v) > 1 else ""  # noqa: E731
+        sd = lambda v: f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else ""  # sample std  # noqa: E731
         fig = lambda d, n=name: f"{d[n][0]} / {d[n][1]}" if n in d else "-"  # noqa: E731
         later = f"{np.mean(drift[1:]):.1e}" if len(drift) > 1 else "-"
         print(f"| {name} | {np.mean(accs):.2f}{sd(accs)} | {np.mean(bwts):.2f}{sd(bwts)} | {np.mean(diags):.2f} | "
