@@ -119,6 +119,14 @@ def test_feature_statistics_are_those_of_the_final_weights_over_the_split(mnist_
         torch.testing.assert_close(one_by_one, model.task_masks(t, x[:4])[0])
 
 
+def test_a_diverging_meta_update_stops_the_run_with_an_error(mnist_root, tmp_path):
+    """An inner lr that overflows the mini-tasks would write inf into the shared KB (every later task at chance,
+    silently); the run stops at that outer step instead."""
+    model = mark(meta_steps=2, meta=False, plugins=[MARKMetaUpdate(mini_tasks=3, inner_steps=5, inner_lr=1e6)])
+    with pytest.raises(FloatingPointError, match="diverged at task 0, outer step 0"):
+        run_tasks(model, data(mnist_root, samples=100, num_tasks=2), tmp_path / "run")
+
+
 @pytest.mark.parametrize(("crash_task", "crash_step", "mid_task_checkpoint"),
                          [(0, 3, True), (1, 1, False), (1, 3, True), (1, 6, True)],
                          ids=["inside-kb-pretrain-phase", "inside-features-phase", "inside-masks-phase",

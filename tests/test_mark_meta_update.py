@@ -12,6 +12,7 @@ from cl_lightning.callbacks.mark_meta_update import (
     InnerConfig,
     MARKMetaUpdate,
     MiniTasks,
+    check_finite,
     inner_loop_sequential,
     inner_loop_vectorised,
     meta_gradient,
@@ -85,6 +86,22 @@ def test_vectorised_inner_loop_equals_the_sequential_one_and_leaves_the_kb_alone
         assert not torch.allclose(vec[n][0], before[n]), "the mini-tasks did train"
     torch.testing.assert_close(acc_v, acc_s)
     assert torch.equal(tasks.head_w, heads_before), "the inner loop trains copies of the heads"
+
+
+def test_a_diverged_outer_step_is_an_error_naming_task_and_step():
+    """Huge masks and a large inner lr make the inner loops overflow; the KB gradient check names where."""
+    torch.manual_seed(0)
+    kb = KnowledgeBase(1, 28, (4, 8, 8), latent_dim=16, dropout=0.5)
+    tasks = _mini_tasks(kb, masks=True)
+    tasks.masks = [m * 1e4 for m in tasks.masks]
+    plugin = MARKMetaUpdate(mini_tasks=3, inner_steps=6, inner_lr=10.0)
+    grads, _ = plugin.kb_gradient(kb, tasks)
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    assert not torch.isfinite(flat).all(), "the setting overflows"
+    with pytest.raises(FloatingPointError, match="task 2, outer step 4"):
+        check_finite(flat, task=2, step=4)
+    check_finite(torch.cat([g.flatten() for g in plugin.kb_gradient(kb, _mini_tasks(kb, masks=True))[0].values()]),
+                 task=0, step=0)  # an ordinary step passes
 
 
 def test_the_plateau_rule_matches_torch_reduce_lr_on_plateau():

@@ -188,6 +188,16 @@ def inner_loop_sequential(kb: nn.Module, tasks: MiniTasks, cfg: InnerConfig) -> 
     return {n: torch.stack(v) for n, v in adapted.items()}, torch.stack(accs)
 
 
+def check_finite(kb_gradient: Tensor, task: int, step: int) -> None:
+    """Raises where an outer step's KB gradient is not finite: its mini-tasks' inner loops diverged, and the step
+    would write inf/NaN into the KB, which every task shares, so every task after it would silently sit at chance."""
+    if not torch.isfinite(kb_gradient).all():
+        raise FloatingPointError(
+            f"MARK's meta-update diverged at task {task}, outer step {step}: the inner loops of its mini-tasks gave a "
+            "non-finite KB gradient (ReLU masks can grow large in the masks phase; lower "
+            "method.plugins.MARKMetaUpdate.inner_lr or method.lr, or try method.mask_activation=sigmoid)")
+
+
 def seeded_generator(*parts: int) -> torch.Generator:
     seed = 0
     for p in parts:
@@ -276,6 +286,7 @@ class MARKMetaUpdate(ContinualCallback):
         grads, acc = self.kb_gradient(host.kb, tasks)
         names = [n for n, _ in host.kb.named_parameters()]
         flat = torch.cat([grads[n].flatten() for n in names])
+        check_finite(flat, task, step)
         if trainer.world_size > 1:  # identical on every rank already; rank 0's copy makes it bitwise certain
             torch.distributed.broadcast(flat, src=0)
         offset = 0
