@@ -5,7 +5,7 @@ here. ``resume=<folder>`` is read from the command line only by :func:`resume_fo
 ``sweep.json`` is a sweep (:func:`is_sweep_folder`), one holding ``config.yaml`` a run (:func:`run_state`).
 Under ``strategy=ddp`` Lightning re-executes the script on every rank: the parent hands its run folder to those
 children through the ``CL_LIGHTNING_RUN_DIR`` environment variable (:func:`open_run_dir` sets and reads it), and
-a sweep starts its runs without it (:func:`without_inherited_run_dir`), as each is a run of its own.
+a sweep starts its runs without it (:func:`child_run_environment`), as each is a run of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import yaml
 from cl_lightning.config import ConfigError, override_word
 
 RUN_DIR_ENV = "CL_LIGHTNING_RUN_DIR"
+#: Set by wandb in a process that started a W&B run: its children would share that process's wandb-core
+#: service, and one run's fallback or teardown could then stall another's (wandb's own agent drops it too).
+WANDB_SERVICE_ENV = "WANDB_SERVICE"
 #: What a sweep folder holds (the plan and its runs).
 SWEEP_FILE = "sweep.json"
 
@@ -106,6 +109,6 @@ def is_rank_child() -> bool:
     return RUN_DIR_ENV in os.environ
 
 
-def without_inherited_run_dir(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` for a process that opens its own run folder (a sweep's run)."""
-    return {k: v for k, v in env.items() if k != RUN_DIR_ENV}
+def child_run_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a process that is a run of its own (a sweep's run): its own run folder, its own W&B service."""
+    return {k: v for k, v in env.items() if k not in (RUN_DIR_ENV, WANDB_SERVICE_ENV)}

@@ -41,11 +41,11 @@ import yaml
 from cl_lightning.config import ConfigError, compose, override_word
 from cl_lightning.run_dir import (
     SWEEP_FILE,
+    child_run_environment,
     is_sweep_folder,
     resume_folder,
     run_state,
     run_words,
-    without_inherited_run_dir,
     without_resume,
 )
 
@@ -216,7 +216,7 @@ def run_command(sweep: Sweep, run: SweepRun) -> list[str]:
 
 
 def _environment(device: str | None) -> dict[str, str]:
-    env = without_inherited_run_dir(os.environ)
+    env = child_run_environment(os.environ)
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     return env

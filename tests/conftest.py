@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,19 @@ def mnist_root() -> Path:
             pytest.fail("real MNIST not found: CI must set CL_DATA_DIR to a folder with MNIST/raw")
         pytest.skip("real MNIST not available (set CL_DATA_DIR)")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _own_wandb_service_per_test():
+    """No W&B run or service outlives its test: a run left open would be reused by the next test's logger,
+    and a process started later would inherit ``WANDB_SERVICE`` and share this worker's wandb-core (a
+    ``train.py`` subprocess so attached once hung a CI run for 900 s)."""
+    os.environ.pop("WANDB_SERVICE", None)
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 @pytest.fixture

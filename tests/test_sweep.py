@@ -37,6 +37,8 @@ def test_only_top_level_commas_split_a_value():
 
 
 def test_the_product_of_the_comma_lists_one_run_each(tmp_path):
+    import wandb
+
     sweep = plan(["-m", "seed=0,1,2", "method=ewc,online_ewc", "benchmark.class_order=[9,8,7,6,5,4,3,2,1,0]",
                   "method.lr=0.01", f"output_dir={tmp_path / 'sw'}"])
     assert len(sweep.runs) == 6 and sweep.dir == tmp_path / "sw" and sweep.name == "sw"
@@ -53,6 +55,7 @@ def test_the_product_of_the_comma_lists_one_run_each(tmp_path):
         logger, = make_loggers({**cfg["logger"], "init_args": {**cfg["logger"]["init_args"], "offline": True}},
                                tmp_path / run.id, None)
         assert logger._wandb_init["group"] == "sw" and logger._wandb_init["name"] == run.id
+        wandb.finish()
     assert all("logger.group" not in " ".join(r.overrides) for r in plan(["-m", "seed=0,1", "logger=csv"]).runs)
 
 
@@ -72,9 +75,10 @@ def test_sweep_mistakes_fail_before_anything_runs(tmp_path):
     assert is_sweep(["-m"]) and is_sweep(["sweep.parallel=2"]) and not is_sweep(["seed=0", "method=ewc"])
 
 
-def test_the_wandb_sweep_file_builds_command_lines_our_parser_accepts():
+def test_the_wandb_sweep_file_builds_command_lines_our_parser_accepts(tmp_path):
     """The command W&B's agent builds for every grid point (its own functions, no server), parsed by train.py's
     config composition, with the run id left to the agent."""
+    import wandb
     from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
     spec = yaml.safe_load((REPO / "configs/sweeps/wandb_split_mnist_seeds.yaml").read_text())
@@ -97,8 +101,9 @@ def test_the_wandb_sweep_file_builds_command_lines_our_parser_accepts():
         assert cfg["benchmark"]["init_args"]["class_order"] == list(range(10))
         assert cfg["logger"]["init_args"]["offline"] is False and cfg["logger"]["init_args"]["id"] is None
         logger, = make_loggers({**cfg["logger"], "init_args": {**cfg["logger"]["init_args"], "offline": True}},
-                               REPO / "outputs" / "unused", None)
+                               tmp_path / "unused", None)
         assert logger._wandb_init["id"] is None  # wandb.init then takes WANDB_RUN_ID from the agent
+        wandb.finish()
 
 
 def sweep_py(*args, cwd):
@@ -159,15 +164,18 @@ began = time.time()
 time.sleep(0.4)
 R = [[0.9, 0.5], [0.8, 0.9]]
 json.dump({"method": "m", "benchmark": "b", "scenario": "task", "metric": "accuracy", "R": R, "ACC": 0.85,
-           "seed": 0, "device": os.environ["CUDA_VISIBLE_DEVICES"], "began": began, "ended": time.time()},
+           "seed": 0, "device": os.environ["CUDA_VISIBLE_DEVICES"], "began": began, "ended": time.time(),
+           "wandb_service": os.environ.get("WANDB_SERVICE")},
           open(os.path.join(sys.argv[1], "metrics.json"), "w"))
 """
 
 
 def test_parallel_runs_get_one_device_each(tmp_path, monkeypatch, capsys):
     """Four runs, two at a time on devices 0 and 1 (a stand-in process instead of train.py): runs that
-    overlap in time never share a device."""
+    overlap in time never share a device, and none inherits the sweep process's wandb-core service."""
     import cl_lightning.sweep as sweep_module
+
+    monkeypatch.setenv("WANDB_SERVICE", "2-12345-unix-/tmp/not-this-runs-service.sock")
 
     def fake_command(sweep, run):
         folder = sweep.run_dir(run)
@@ -179,6 +187,7 @@ def test_parallel_runs_get_one_device_each(tmp_path, monkeypatch, capsys):
                               f"output_dir={tmp_path / 'sw'}"]) == 0
     runs = [json.loads(p.read_text()) for p in sorted((tmp_path / "sw").glob("*/metrics.json"))]
     assert len(runs) == 4 and {r["device"] for r in runs} == {"0", "1"}
+    assert all(r["wandb_service"] is None for r in runs)
     for a, b in itertools.combinations(runs, 2):
         if a["began"] < b["ended"] and b["began"] < a["ended"]:
             assert a["device"] != b["device"]

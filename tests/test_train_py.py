@@ -16,9 +16,9 @@ import yaml
 from tests.helpers.run import REPO
 
 
-def train(tmp_path, *overrides, env=None):
+def train(tmp_path, *overrides, env=None, timeout=600):
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -73,7 +73,7 @@ def test_unreachable_wandb_server_falls_back_to_offline(mnist_root, tmp_path):
     proc = train(tmp_path, f"output_dir={out}", f"data_dir={mnist_root}", "logger.offline=false",
                  "benchmark.num_tasks=2", "benchmark.train_samples_per_task=200", "trainer.enable_progress_bar=false",
                  env={"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "0" * 40, "WANDB_INIT_TIMEOUT": "5",
-                      "WANDB_MODE": "online"})
+                      "WANDB_MODE": "online"}, timeout=300)
     assert "logging offline" in proc.stderr
     assert (out / "metrics.json").exists()
     assert b"acc/task_1" in next(wandb_run_files(out).glob("*.wandb")).read_bytes()
