@@ -213,9 +213,13 @@ def run_ours(args: argparse.Namespace, setting: Setting, seed: int) -> dict[str,
     overrides = ours_overrides(setting, seed)
     cfg = compose([*overrides, f"data_dir={args.cl_data_dir}", "trainer.enable_progress_bar=false"])
     print("ours: python train.py", " ".join(overrides), flush=True)
-    metrics, _ = timed_run(cfg)
+    command = "python train.py " + " ".join(overrides)
+    try:
+        metrics, _ = timed_run(cfg)
+    except FloatingPointError as err:  # MARKMetaUpdate.check_finite: the shared KB would be lost
+        return {"R": None, "diverged": " ".join(str(err).split(":")[0].split()), "command": command}
     R = (np.asarray(metrics["R"]) * 100).tolist()
-    return {"R": R, "wall_s": metrics["wall_seconds"], "command": "python train.py " + " ".join(overrides)}
+    return {"R": R, "wall_s": metrics["wall_seconds"], "command": command}
 
 
 def load_all(results: Path) -> list[dict[str, Any]]:
@@ -230,7 +234,8 @@ def _mean_sd(values: list[float]) -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     """Markdown: per setting, the paper, then one line per side and seed (accuracy on each task after the last
-    task, ACC, BWT, tasks never learnt), then each side's mean ± sample std over its seeds."""
+    task, ACC, BWT, tasks never learnt; a run whose meta-update diverged says where), then each side's mean ±
+    sample std over the seeds that did not diverge, with how many did."""
     lines = []
     for key in [k for k in SETTINGS if any(r["setting"] == k for r in records)]:
         rows = sorted((r for r in records if r["setting"] == key), key=lambda r: (SIDES.index(r["side"]), r["seed"]))
@@ -241,21 +246,28 @@ def table(records: list[dict[str, Any]]) -> str:
                   "|---|---|" + "---|" * n + "---|---|---|---|",
                   f"| paper | - | {' | '.join('-' for _ in range(n))} | {PAPER} | | | |"]
         for r in rows:
+            if r["R"] is None:
+                lines.append(f"| {r['side']} | {r['seed']} | " + " | ".join("-" for _ in range(n)) +
+                             f" | - | - | all: {r['diverged']} | - |")
+                continue
             s = summarise(r["R"])
             dead = ", ".join(str(j) for j in s["unlearnt"]) or "none"
             wall = f"{r['wall_s']:.0f}" if r.get("wall_s") else "-"
             lines.append(f"| {r['side']} | {r['seed']} | " + " | ".join(f"{v:.2f}" for v in s["after"]) +
                          f" | {s['acc']:.2f} | {s['bwt']:.2f} | {dead} | {wall} |")
         for side in SIDES:
-            mine = [summarise(r["R"]) for r in rows if r["side"] == side]
+            runs = [r for r in rows if r["side"] == side]
+            mine = [summarise(r["R"]) for r in runs if r["R"] is not None]
+            diverged = len(runs) - len(mine)
             if len(mine) < 2:
                 continue
-            seeds = ",".join(str(r["seed"]) for r in rows if r["side"] == side)
+            seeds = ",".join(str(r["seed"]) for r in runs if r["R"] is not None)
             per_task = [_mean_sd([m["after"][j] for m in mine]) for j in range(n)]
             dead = sum(len(m["unlearnt"]) for m in mine)
+            note = f"; {diverged} of {len(runs)} runs diverged, not in the mean" if diverged else ""
             lines.append(f"| **{side}, mean ± sd** | {seeds} | " + " | ".join(per_task) +
                          f" | **{_mean_sd([m['acc'] for m in mine])}** | {_mean_sd([m['bwt'] for m in mine])} | "
-                         f"{dead} of {n * len(mine)} | |")
+                         f"{dead} of {n * len(mine)}{note} | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -294,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
                 result = run_authors(args, setting, seed, name) if side == "authors" else run_ours(args, setting, seed)
                 record = {"setting": args.setting, "seed": seed, "side": side, **result}
                 stored.write_text(json.dumps(record, indent=1))
+                if result["R"] is None:
+                    print(f"{side} seed {seed}: {result['diverged']}", flush=True)
+                    continue
                 s = summarise(result["R"])
                 print(f"{side} seed {seed}: ACC {s['acc']:.2f}, after the last task {s['after']}, "
                       f"never learnt {s['unlearnt']}", flush=True)

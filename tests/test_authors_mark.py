@@ -70,6 +70,13 @@ def test_authors_log_parsed_and_table_built_from_stored_records(tmp_path):
     assert "| authors | 0 | 99.00 | 50.00 | 74.50 | 0.00 | 1 | 10 |" in text
     assert "| **ours, mean ± sd** | 0,1 | 98.00 ± 1.41 | 72.50 ± 31.82 | **85.25 ± 15.20** |" in text
     assert "1 of 4" in text
+    diverged = {"setting": "short", "seed": 2, "side": "ours", "R": None,
+                "diverged": "MARK's meta-update diverged at task 0, outer step 4"}
+    (tmp_path / f"{am.run_name('short', 2, 'ours')}.json").write_text(json.dumps(diverged))
+    text = am.table(am.load_all(tmp_path))
+    assert "| ours | 2 | - | - | - | - | all: MARK's meta-update diverged at task 0, outer step 4 | - |" in text
+    assert "| **ours, mean ± sd** | 0,1 | 98.00 ± 1.41 | 72.50 ± 31.82 | **85.25 ± 15.20** |" in text
+    assert "1 of 4; 1 of 3 runs diverged, not in the mean" in text
 
 
 def test_shim_loader_has_their_shape_and_config_changes_only_the_named_keys(tmp_path):
@@ -122,3 +129,15 @@ def test_kb_widths_reach_their_shared_and_private_only_when_changed():
     Shared(None, [64, 128, 256, 512, 512])
     Private(None, [64, 128, 256, 512, 512], 3)
     assert seen == {"shared": [16, 32, 32, 512, 512], "private": ([16, 32, 32, 512, 512], 3)}
+
+
+def test_a_diverged_run_of_ours_is_recorded_where_it_diverged(monkeypatch, tmp_path):
+    import benchmarks.common
+
+    def diverge(cfg):
+        raise FloatingPointError("MARK's meta-update diverged at task 0, outer step 4: the inner loops gave inf")
+
+    monkeypatch.setattr(benchmarks.common, "timed_run", diverge)
+    out = am.run_ours(SimpleNamespace(cl_data_dir=tmp_path), am.SETTINGS["short_kb16"], 1)
+    assert out["R"] is None and out["diverged"] == "MARK's meta-update diverged at task 0, outer step 4"
+    assert "seed=1" in out["command"]
