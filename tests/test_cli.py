@@ -9,6 +9,7 @@ import sys
 
 import yaml
 
+from cl_lightning.run_dir import child_run_environment
 from tests.helpers.run import REPO
 
 EWC = str(REPO / "configs/method/ewc.yaml")
@@ -18,7 +19,8 @@ SPLIT_MNIST = str(REPO / "configs/benchmark/split_mnist.yaml")
 
 def cli(*args, cwd):
     """``python -m cl_lightning ARGS`` from another folder, importing this checkout (not whatever is installed)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**child_run_environment(os.environ), "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-m", "cl_lightning", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 

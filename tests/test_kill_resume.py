@@ -52,7 +52,6 @@ FAMILIES = {
 
 def train(args: list[str], mnist_root) -> subprocess.CompletedProcess:
     env = {**os.environ, "CL_DATA_DIR": str(mnist_root), "PYTHONWARNINGS": "ignore"}
-    env.pop("CL_LIGHTNING_RUN_DIR", None)
     return train_process(args, env, timeout=900)
 
 

@@ -98,7 +98,6 @@ def test_sigterm_and_sigint_leave_a_resumable_run_that_says_how(budget, mnist_ro
               "benchmark.batch_size=64", "method.backbone.hidden_sizes=[32]", "method.plugins.EWC.fisher_samples=100",
               *budget, "logger=none"]  # the bar: one line per epoch, stdout is no terminal
     env = {**os.environ, "CL_DATA_DIR": str(mnist_root), "PYTHONWARNINGS": "ignore"}
-    env.pop("CL_LIGHTNING_RUN_DIR", None)
 
     def train(*args):
         return train_process(list(args), env)

@@ -108,7 +108,6 @@ def test_the_wandb_sweep_file_builds_command_lines_our_parser_accepts(tmp_path):
 
 def sweep_py(*args, cwd):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("CL_LIGHTNING_RUN_DIR", None)
     return train_process(list(args), env, cwd)
 
 

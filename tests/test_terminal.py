@@ -17,6 +17,7 @@ import pytest
 from cl_lightning.datamodules import PolynomialRegression
 from cl_lightning.methods import ContinualModule
 from cl_lightning.nets import MLP
+from cl_lightning.run_dir import child_run_environment
 from cl_lightning.runner import ContinualRunner
 from cl_lightning.terminal import matrix_table, quiet_run
 from tests.helpers.run import REPO
@@ -27,8 +28,7 @@ TASK_LINE = re.compile(r"^Task (\d+)/(\d+) \((.+)\) done · (acc|MSE) ([\d.e+-]+
 
 def train_log(out, *overrides, mnist_root=None):
     """``python train.py`` with stdout a pipe (as under CI or nohup), the progress bar left on."""
-    env = {**os.environ}
-    env.pop("CL_LIGHTNING_RUN_DIR", None)
+    env = child_run_environment(os.environ)
     if mnist_root is not None:
         env["CL_DATA_DIR"] = str(mnist_root)
     proc = subprocess.run([sys.executable, "train.py", *overrides, "logger=csv", "trainer.accelerator=cpu",

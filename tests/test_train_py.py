@@ -13,12 +13,13 @@ import numpy as np
 import torch
 import yaml
 
+from cl_lightning.run_dir import child_run_environment
 from tests.helpers.run import REPO
 
 
 def train(tmp_path, *overrides, env=None, timeout=600):
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env={**child_run_environment(os.environ), **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -85,9 +86,9 @@ def test_wandb_without_login_never_prompts_in_a_terminal_and_a_resume_keeps_the_
     import pty
 
     out = tmp_path / "run"
-    env = {**os.environ, "HOME": str(tmp_path), "WANDB_MODE": "online", "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
+    env = {**child_run_environment(os.environ), "HOME": str(tmp_path), "WANDB_MODE": "online",
+           "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
     env.pop("WANDB_API_KEY", None)
-    env.pop("CL_LIGHTNING_RUN_DIR", None)
     primary, secondary = pty.openpty()
     try:
         proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"output_dir={out}", f"data_dir={mnist_root}",

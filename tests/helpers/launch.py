@@ -21,6 +21,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from cl_lightning.run_dir import child_run_environment
+
 REPO = Path(__file__).resolve().parents[2]
 #: what the forked server imports once; everything ``train.py`` imports before it runs
 PRELOAD = ["cl_lightning.experiment", "cl_lightning.runner", "cl_lightning.methods", "cl_lightning.datamodules",
@@ -62,8 +64,9 @@ def _child(script: str, args: list[str], env: dict[str, str], cwd: str, out: str
 def run_script(script: str | Path, args: list[str], env: dict[str, str] | None = None, cwd: Path = REPO,
                timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs ``python SCRIPT ARGS`` in ``cwd`` to its end, its output captured; ``returncode`` is negative for a
-    signal, as from ``subprocess.run``."""
-    env = dict(os.environ if env is None else env)
+    signal, as from ``subprocess.run``. The process is a run of its own: it never takes over this process's run
+    folder or W&B service (:func:`~cl_lightning.run_dir.child_run_environment`), as a sweep's runs do not."""
+    env = child_run_environment(os.environ if env is None else env)
     cmd = [str(script), *args]
     same_imports = all(env.get(k) == os.environ.get(k) for k in IMPORT_TIME_ENV)
     if os.environ.get("CL_TEST_EXEC") == "1" or not same_imports:

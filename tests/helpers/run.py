@@ -34,7 +34,6 @@ def train_py(args: list[str], out: Path, mnist_root: Path | None = None, threads
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    env.pop("CL_LIGHTNING_RUN_DIR", None)
     mnist: list[str] = []
     if mnist_root is not None:
         env["CL_DATA_DIR"] = str(mnist_root)
