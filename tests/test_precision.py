@@ -40,7 +40,7 @@ FAMILIES = [
     # MARK runs its own phases (6 epochs each here; the trainer's epochs do not apply); at batch 32 its task lr of
     # 0.1 learns nothing in fp32 either. Sigmoid masks: with its default ReLU masks (unbounded at task lr 0.1) a run
     # this short is chaotic, fp32 alone ending anywhere in 0.64-0.93 as the seed or the CPU's kernels (AVX2 against
-    # AVX-512) change, so one seed's bf16-fp32 gap said nothing (0.08 on an AVX2 CPU at seed 0). Sigmoid masks
+    # AVX-512) change, so one seed's bf16-fp32 gap said nothing (0.082 on an AVX2 CPU at seed 0). Sigmoid masks
     # over 6 epochs: gaps within 0.07 on seeds 0-5 and both kernel sets; the precision paths are the same.
     ("mark", ["benchmark.train_samples_per_task=512", "benchmark.batch_size=64", "method.kb_channels=[16,32,32]",
               "method.latent_dim=64", "method.feature_channels=[8,8]", "method.mask_activation=sigmoid",
